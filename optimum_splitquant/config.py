@@ -1,0 +1,133 @@
+"""``SplitQuantConfig``: the transformers ``quantization_config`` of SplitQuant (format version 1).
+
+Written to ``config.json`` under ``quantization_config``; everything needed to read the
+checkpoint back is here or in the tensors themselves, never in code defaults.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .core.spec import CLUSTERINGS, MAX_CLUSTERS, SCALE_DTYPES, SUPPORTED_BITS, QuantSpec
+
+__all__ = ["FORMAT_VERSION", "QUANT_METHOD", "SplitQuantConfig"]
+
+QUANT_METHOD = "splitquant"
+FORMAT_VERSION = 1
+_FIELDS = (
+    "bits",
+    "num_clusters",
+    "group_size",
+    "clustering",
+    "scale_dtype",
+    "modules_to_not_convert",
+    "format_version",
+    "quant_method",
+)
+
+
+class SplitQuantConfig(QuantizationConfigMixin):
+    """Settings of SplitQuant weight quantization, validated on construction.
+
+    Args:
+        bits: code bits per weight inside its cluster: 2, 3, 4 or 8.
+        num_clusters: clusters of the 1-D k-means (3 as in the paper; 1 = plain min-max).
+        group_size: input columns sharing one range per cluster; ``None`` = one per output row.
+        clustering: ``"tensor"`` (one k-means per weight matrix, as in the paper) or ``"channel"``.
+        scale_dtype: storage dtype of scales and offsets: ``"float16"``, ``"bfloat16"``, ``"float32"``.
+        modules_to_not_convert: module names kept in float. ``None`` keeps the task head
+            (classifier / lm_head / tied output embeddings) in float; the resolved list is written
+            back here when a model is quantized. ``[]`` quantizes every eligible layer.
+        format_version: on-disk format; this release reads and writes version 1.
+    """
+
+    def __init__(
+        self,
+        bits: int = 4,
+        num_clusters: int = 3,
+        group_size: int | None = None,
+        clustering: str = "tensor",
+        scale_dtype: str = "float16",
+        modules_to_not_convert: list[str] | None = None,
+        format_version: int = FORMAT_VERSION,
+        quant_method: str = QUANT_METHOD,
+        **kwargs: Any,
+    ) -> None:
+        if kwargs:
+            raise TypeError(
+                f"SplitQuantConfig got unknown field(s) {sorted(kwargs)}; allowed fields are {list(_FIELDS)}"
+            )
+        if quant_method != QUANT_METHOD:
+            raise ValueError(f"quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
+        self.quant_method = QUANT_METHOD
+        self.bits = _int_field("bits", bits, allowed=f"one of {SUPPORTED_BITS}")
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+        self.num_clusters = _int_field("num_clusters", num_clusters, allowed=f"an integer in [1, {MAX_CLUSTERS}]")
+        if not 1 <= self.num_clusters <= MAX_CLUSTERS:
+            raise ValueError(f"num_clusters must be an integer in [1, {MAX_CLUSTERS}], got {num_clusters!r}")
+        if group_size is not None:
+            group_size = _int_field("group_size", group_size, allowed="None or a positive integer")
+            if group_size < 1:
+                raise ValueError(f"group_size must be None or a positive integer, got {group_size!r}")
+        self.group_size = group_size
+        if clustering not in CLUSTERINGS:
+            raise ValueError(f"clustering must be one of {CLUSTERINGS}, got {clustering!r}")
+        self.clustering = clustering
+        if scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"scale_dtype must be one of {tuple(SCALE_DTYPES)}, got {scale_dtype!r}")
+        self.scale_dtype = scale_dtype
+        if modules_to_not_convert is not None:
+            if isinstance(modules_to_not_convert, str) or not all(
+                isinstance(m, str) for m in modules_to_not_convert
+            ):
+                raise TypeError(
+                    f"modules_to_not_convert must be None or a list of module names, got {modules_to_not_convert!r}"
+                )
+            modules_to_not_convert = list(modules_to_not_convert)
+        self.modules_to_not_convert = modules_to_not_convert
+        version = _int_field("format_version", format_version, allowed=f"an integer <= {FORMAT_VERSION}")
+        if version > FORMAT_VERSION:
+            raise ValueError(
+                f"format_version {version} was written by a newer optimum-splitquant; this release reads format "
+                f"<= {FORMAT_VERSION}: upgrade with `pip install -U optimum-splitquant`"
+            )
+        if version < 1:
+            raise ValueError(f"format_version must be >= 1, got {version}")
+        self.format_version = version
+
+    def to_spec(self) -> QuantSpec:
+        """The pure-core settings for one weight."""
+        return QuantSpec(
+            bits=self.bits,
+            num_clusters=self.num_clusters,
+            group_size=self.group_size,
+            clustering=self.clustering,
+            scale_dtype=SCALE_DTYPES[self.scale_dtype],
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict of every field (what ``config.json`` stores)."""
+        return {name: copy.deepcopy(getattr(self, name)) for name in _FIELDS}
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        yield from self.to_dict().items()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SplitQuantConfig) and self.to_dict() == other.to_dict()
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _int_field(name: str, value: Any, *, allowed: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
+    return value

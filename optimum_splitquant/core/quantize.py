@@ -1,0 +1,159 @@
+"""Split quantization of one weight matrix into the compact representation, and back.
+
+A weight ``W`` of shape ``(out, in)`` is clustered by 1-D k-means (over the whole tensor, or per
+output row), every weight gets a cluster id, and inside each (row, range group, cluster) the
+member weights are quantized with their own asymmetric min-max range to ``bits``-bit codes::
+
+    symbol  = cluster_id << bits | code                      (packed by core.packing)
+    W_hat   = offset[row, group, id] + code * scale[row, group, id]
+
+``W_hat`` equals the sum of the ``k`` separately quantized branches of the paper (each branch
+holds its cluster's values and exact zeros elsewhere), in one tensor and one matmul.
+
+Ranges are rounded outwards when stored: ``offset`` is the cluster minimum rounded down to
+``scale_dtype`` and ``scale`` is rounded up, so the stored grid always covers the cluster and
+every weight is within half a (stored) step of its reconstruction. A cluster with no member in a
+(row, group) stores ``scale = offset = 0``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .kmeans import assign_clusters, kmeans_1d
+from .packing import pack_rows, packed_row_bytes, unpack_rows
+from .spec import QuantSpec
+
+__all__ = [
+    "QuantizedWeight",
+    "cluster_ids",
+    "decode_symbols",
+    "dequantize_weight",
+    "quantize_weight",
+    "split_branches",
+]
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """Compact tensors of one quantized ``(out, in)`` weight (see the module docstring).
+
+    Attributes:
+        packed: ``uint8`` ``(out, ceil(in / 8) * spec.symbol_width)``.
+        scale: ``spec.scale_dtype`` ``(out, groups, num_clusters)``.
+        offset: ``spec.scale_dtype`` ``(out, groups, num_clusters)``.
+        in_features: original input width.
+    """
+
+    packed: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor
+    in_features: int
+
+
+def cluster_ids(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Cluster id (int64, same shape as the 2-D ``weight``) of every weight under ``spec``."""
+    w = _checked(weight)
+    if w.numel() == 0 or spec.num_clusters == 1:
+        return torch.zeros(w.shape, dtype=torch.int64, device=w.device)
+    if spec.clustering == "tensor":
+        result = kmeans_1d(w.reshape(1, -1), spec.num_clusters)
+        return assign_clusters(w.reshape(1, -1), result.boundaries).reshape(w.shape)
+    result = kmeans_1d(w, spec.num_clusters)
+    return assign_clusters(w, result.boundaries)
+
+
+def quantize_weight(weight: torch.Tensor, spec: QuantSpec, ids: torch.Tensor | None = None) -> QuantizedWeight:
+    """Quantize a 2-D float ``weight`` ``(out, in)``; ``ids`` overrides the clustering when given."""
+    w = _checked(weight).to(torch.float32)
+    out_f, in_f = w.shape
+    k = spec.num_clusters
+    groups = spec.num_groups(in_f)
+    if ids is None:
+        ids = cluster_ids(w, spec)
+    if w.numel() == 0:
+        zeros = torch.zeros(out_f, groups, k, dtype=spec.scale_dtype, device=w.device)
+        packed = torch.zeros(out_f, packed_row_bytes(in_f, spec.symbol_width), dtype=torch.uint8, device=w.device)
+        return QuantizedWeight(packed, zeros, zeros.clone(), in_f)
+    w3 = w.reshape(out_f, groups, -1)
+    id3 = ids.reshape(out_f, groups, -1)
+    lo = torch.empty(out_f, groups, k, dtype=torch.float32, device=w.device)
+    hi = torch.empty_like(lo)
+    for j in range(k):
+        member = id3 == j
+        present = member.any(dim=-1)
+        lo[..., j] = torch.where(present, torch.where(member, w3, torch.inf).amin(dim=-1), 0.0)
+        hi[..., j] = torch.where(present, torch.where(member, w3, -torch.inf).amax(dim=-1), 0.0)
+    offset, scale = _stored_range(lo, hi, spec)
+    off_w = offset.float().gather(-1, id3)
+    scale_w = scale.float().gather(-1, id3)
+    steps = torch.where(scale_w > 0, (w3 - off_w) / torch.where(scale_w > 0, scale_w, 1.0), 0.0)
+    codes = steps.round().clamp_(0, spec.levels - 1).to(torch.int32)
+    symbols = (id3.to(torch.int32) << spec.bits) | codes
+    packed = pack_rows(symbols.reshape(out_f, in_f), spec.symbol_width)
+    return QuantizedWeight(packed, scale, offset, in_f)
+
+
+def decode_symbols(packed: torch.Tensor, in_features: int, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unpack ``(cluster ids, codes)``, both int64 ``(out, in_features)``."""
+    sym = unpack_rows(packed, spec.symbol_width, in_features)
+    return sym >> spec.bits, sym & (spec.levels - 1)
+
+
+def dequantize_weight(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor,
+    in_features: int,
+    spec: QuantSpec,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Rebuild the ``(out, in_features)`` float weight from its compact tensors."""
+    out_f = packed.shape[0]
+    groups = scale.shape[1]
+    sym = unpack_rows(packed, spec.symbol_width, in_features)
+    if sym.numel() == 0:
+        return torch.zeros(out_f, in_features, dtype=dtype, device=packed.device)
+    table = offset.float().unsqueeze(-1) + scale.float().unsqueeze(-1) * torch.arange(
+        spec.levels, dtype=torch.float32, device=packed.device
+    )
+    table = table.reshape(out_f, groups, spec.num_clusters * spec.levels)
+    w = table.gather(-1, sym.view(out_f, groups, -1))
+    return w.reshape(out_f, in_features).to(dtype)
+
+
+def split_branches(qweight: QuantizedWeight, spec: QuantSpec, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """The ``num_clusters`` dense branches of the paper: branch ``j`` keeps cluster ``j``'s values, zeros elsewhere."""
+    w = dequantize_weight(qweight.packed, qweight.scale, qweight.offset, qweight.in_features, spec, dtype)
+    ids, _ = decode_symbols(qweight.packed, qweight.in_features, spec)
+    return [torch.where(ids == j, w, torch.zeros((), dtype=dtype)) for j in range(spec.num_clusters)]
+
+
+def _checked(weight: torch.Tensor) -> torch.Tensor:
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight (out, in), got shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"expected a floating-point weight, got {weight.dtype}")
+    if weight.numel() and not bool(torch.isfinite(weight).all()):
+        raise ValueError("weight contains NaN or infinite values")
+    return weight.detach()
+
+
+def _stored_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Offset rounded down and scale rounded up to ``spec.scale_dtype`` so the grid covers ``[lo, hi]``."""
+    dt = spec.scale_dtype
+    offset = lo.to(dt)
+    too_high = offset.float() > lo
+    offset = torch.where(too_high, torch.nextafter(offset, torch.full_like(offset, -torch.inf)), offset)
+    exact = (hi - offset.float()) / (spec.levels - 1)
+    scale = exact.to(dt)
+    too_low = scale.float() < exact
+    scale = torch.where(too_low, torch.nextafter(scale, torch.full_like(scale, torch.inf)), scale)
+    if not (bool(torch.isfinite(offset).all()) and bool(torch.isfinite(scale).all())):
+        raise ValueError(
+            f"weight range [{float(lo.min()):.4g}, {float(hi.max()):.4g}] does not fit scale_dtype {dt}; "
+            "use scale_dtype='float32'"
+        )
+    return offset, scale

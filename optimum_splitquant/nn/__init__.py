@@ -1,0 +1,5 @@
+"""Quantized modules."""
+
+from .linear import SplitQuantLinear
+
+__all__ = ["SplitQuantLinear"]

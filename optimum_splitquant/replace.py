@@ -1,0 +1,123 @@
+"""Finding the layers SplitQuant replaces in a transformers model, and swapping them in and out.
+
+Eligible layers are ``nn.Linear`` and transformers' GPT-2 style ``Conv1D``. The default head
+policy keeps in float: every module whose weight is tied to another (tied output embeddings),
+the output embeddings, the model's ``_keep_in_fp32_modules`` and the last eligible layer of the
+model (the task head: ``classifier``, ``score``, ``lm_head``, ...).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+from transformers.quantizers.quantizers_utils import should_convert_module
+
+from .core.spec import QuantSpec
+from .nn.linear import SplitQuantLinear
+
+__all__ = [
+    "dequantize_model",
+    "eligible_layers",
+    "replace_layers",
+    "resolve_modules_to_not_convert",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def eligible_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every ``nn.Linear`` / ``Conv1D`` of ``model`` by qualified name, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and name}
+
+
+def layer_dims(module: nn.Module) -> tuple[int, int, str]:
+    """``(in_features, out_features, source)`` of an eligible float layer."""
+    if isinstance(module, Conv1D):
+        return module.nx, module.nf, "conv1d"
+    return module.in_features, module.out_features, "linear"
+
+
+def resolve_modules_to_not_convert(model: nn.Module, requested: Iterable[str] | None) -> list[str]:
+    """Names of eligible layers kept in float: ``requested`` patterns, or the default head policy if None.
+
+    Layers whose weight is tied to another parameter are always kept (a shared weight cannot be
+    replaced by compact tensors in one place only).
+    """
+    layers = eligible_layers(model)
+    forced = set(_tied_modules(model)) | set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    if requested is None:
+        patterns = set(forced)
+        out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        for name, module in layers.items():
+            if module is out_emb:
+                patterns.add(name)
+        if layers:
+            patterns.add(next(reversed(layers)))
+    else:
+        patterns = set(requested) | forced
+    kept = sorted(name for name in layers if not should_convert_module(name, sorted(patterns)))
+    return kept
+
+
+def replace_layers(
+    model: nn.Module,
+    spec: QuantSpec,
+    names: Iterable[str],
+    *,
+    float_weight: bool,
+) -> list[str]:
+    """Replace the named eligible layers by ``SplitQuantLinear`` on the meta device; returns the names."""
+    layers = eligible_layers(model)
+    replaced = []
+    for name in names:
+        module = layers[name]
+        in_f, out_f, source = layer_dims(module)
+        try:
+            with torch.device("meta"):
+                new = SplitQuantLinear(
+                    in_f,
+                    out_f,
+                    module.bias is not None,
+                    spec=spec,
+                    source=source,
+                    float_weight=float_weight,
+                    dtype=module.weight.dtype,
+                )
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+        _set_submodule(model, name, new)
+        replaced.append(name)
+    return replaced
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every ``SplitQuantLinear`` by the float layer type it replaced, in place."""
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, SplitQuantLinear):
+            continue
+        linear = module.dequantize(dtype)
+        if module.source == "conv1d":
+            conv = Conv1D(module.out_features, module.in_features)
+            conv.to(device=linear.weight.device, dtype=linear.weight.dtype)
+            with torch.no_grad():
+                conv.weight.copy_(linear.weight.t())
+                conv.bias.copy_(linear.bias)
+            linear = conv
+        _set_submodule(model, name, linear)
+    return model
+
+
+def _tied_modules(model: nn.Module) -> list[str]:
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    keys = set(tied.keys()) | set(tied.values())
+    return [k.rsplit(".", 1)[0] for k in keys if "." in k]
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
