@@ -6,8 +6,10 @@ before loading a SplitQuant checkpoint.
 
 from ._registration import register as _register
 from .config import FORMAT_VERSION, SplitQuantConfig
+from .convert import quantize_model
 from .core import QuantSpec, dequantize_weight, kmeans_1d, quantize_weight
 from .nn import SplitQuantLinear
+from .optimum_quantizer import SplitQuantizer
 from .quantizer import SplitQuantHfQuantizer
 from .report import effective_bits, size_report
 
@@ -21,10 +23,12 @@ __all__ = [
     "SplitQuantConfig",
     "SplitQuantHfQuantizer",
     "SplitQuantLinear",
+    "SplitQuantizer",
     "__version__",
     "dequantize_weight",
     "effective_bits",
     "kmeans_1d",
+    "quantize_model",
     "quantize_weight",
     "size_report",
 ]

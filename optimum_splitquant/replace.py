@@ -24,6 +24,7 @@ __all__ = [
     "eligible_layers",
     "replace_layers",
     "resolve_modules_to_not_convert",
+    "set_submodule",
 ]
 
 logger = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def replace_layers(
                 )
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
-        _set_submodule(model, name, new)
+        set_submodule(model, name, new)
         replaced.append(name)
     return replaced
 
@@ -107,7 +108,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
                 conv.weight.copy_(linear.weight.t())
                 conv.bias.copy_(linear.bias)
             linear = conv
-        _set_submodule(model, name, linear)
+        set_submodule(model, name, linear)
     return model
 
 
@@ -117,7 +118,8 @@ def _tied_modules(model: nn.Module) -> list[str]:
     return [k.rsplit(".", 1)[0] for k in keys if "." in k]
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the qualified ``name`` inside ``model``."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)

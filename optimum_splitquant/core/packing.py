@@ -43,9 +43,10 @@ def pack_rows(symbols: torch.Tensor, width: int) -> torch.Tensor:
     if symbols.is_floating_point() or symbols.is_complex():
         raise TypeError(f"pack_rows expects an integer tensor, got {symbols.dtype}")
     rows, n = symbols.shape
-    sym = symbols.to(torch.int32)
-    if sym.numel() and (int(sym.min()) < 0 or int(sym.max()) >= 1 << width):
+    # Range check before the int32 cast, which would wrap int64 values >= 2**31 into range.
+    if symbols.numel() and (int(symbols.min()) < 0 or int(symbols.max()) >= 1 << width):
         raise ValueError(f"symbols must lie in [0, {(1 << width) - 1}] for width {width}")
+    sym = symbols.to(torch.int32)
     padded = -(-n // 8) * 8
     if padded != n:
         sym = torch.nn.functional.pad(sym, (0, padded - n))

@@ -76,7 +76,8 @@ class SplitQuantLinear(nn.Module):
             self.register_parameter("bias", None)
         if float_weight:
             shape = (out_features, in_features) if source == "linear" else (in_features, out_features)
-            self.weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype), requires_grad=False)
+            # Set directly: the ``weight`` property below would shadow a normal registration.
+            self._parameters["weight"] = nn.Parameter(torch.empty(shape, device=device, dtype=dtype), requires_grad=False)
 
     @classmethod
     def from_float(
@@ -96,6 +97,18 @@ class SplitQuantLinear(nn.Module):
             layer.bias.data.copy_(bias.detach())
         layer.quantize_(weight, ids=ids)
         return layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float weight in the replaced layer's layout, dequantized on each access (a copy).
+
+        Writing into it changes nothing stored. Before quantization it is the float placeholder.
+        """
+        placeholder = self._parameters.get("weight")
+        if placeholder is not None:
+            return placeholder
+        w = self.dequantize_weight(self.bias.dtype if self.bias is not None else torch.float32)
+        return w.t() if self.source == "conv1d" else w
 
     @property
     def is_quantized(self) -> bool:

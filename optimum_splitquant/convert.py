@@ -1,0 +1,45 @@
+"""Quantizing a float model already in memory (the same result as quantizing at load time)."""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import SplitQuantConfig
+from .nn.linear import SplitQuantLinear
+from .quantizer import SplitQuantHfQuantizer
+from .replace import eligible_layers, layer_dims, resolve_modules_to_not_convert, set_submodule
+
+__all__ = ["quantize_model"]
+
+logger = logging.getLogger(__name__)
+
+
+def quantize_model(model: nn.Module, config: SplitQuantConfig | None = None, *, progress: bool = False) -> nn.Module:
+    """Replace the eligible layers of a float transformers model by ``SplitQuantLinear``, in place.
+
+    The model afterwards saves with ``save_pretrained`` / ``push_to_hub`` exactly like one
+    quantized through ``from_pretrained(..., quantization_config=config)``.
+    """
+    if getattr(model, "hf_quantizer", None) is not None:
+        raise ValueError("the model is already quantized; load its float original to quantize it again")
+    quantizer = SplitQuantHfQuantizer(config or SplitQuantConfig(), pre_quantized=False)
+    qconfig = quantizer.quantization_config
+    kept = set(resolve_modules_to_not_convert(model, qconfig.modules_to_not_convert))
+    todo = [(n, m) for n, m in eligible_layers(model).items() if n not in kept]
+    for name, module in tqdm(todo, desc="SplitQuant", unit="layer", disable=not progress):
+        _, _, source = layer_dims(module)
+        try:
+            layer = SplitQuantLinear.from_float(module, quantizer.spec, source=source)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+        set_submodule(model, name, layer)
+    qconfig.modules_to_not_convert = sorted(kept)
+    model.hf_quantizer = quantizer
+    model.is_quantized = True
+    model.quantization_method = qconfig.quant_method
+    model.config.quantization_config = qconfig
+    logger.info("SplitQuant: %d layers quantized in memory", len(todo))
+    return model
