@@ -143,6 +143,11 @@ class SplitQuantHfQuantizer(HfQuantizer):
             for buf in _BUFFERS:
                 if getattr(module, buf).is_meta:
                     raise ValueError(f"{name}.{buf} was not loaded (still on the meta device)")
+            if self.pre_quantized:
+                try:
+                    module.validate()
+                except ValueError as exc:
+                    raise ValueError(f"{name}: {exc}") from None
         return model
 
     def get_state_dict_and_metadata(self, model: torch.nn.Module) -> tuple[None, dict[str, str]]:

@@ -84,7 +84,7 @@ def unpack_rows(packed: torch.Tensor, width: int, n: int) -> torch.Tensor:
     bits = (groups >> torch.arange(8, dtype=torch.int32, device=packed.device)) & 1
     bits = bits.reshape(rows, nbytes // width, 8, width)
     sym = (bits << torch.arange(width, dtype=torch.int32, device=packed.device)).sum(-1)
-    return sym.reshape(rows, -1)[:, :n].long()
+    return sym.reshape(rows, (nbytes // width) * 8)[:, :n].long()  # explicit size: rows may be 0
 
 
 def _check_width(width: int) -> None:

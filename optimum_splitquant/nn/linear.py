@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.packing import packed_row_bytes
-from ..core.quantize import QuantizedWeight, dequantize_weight, quantize_weight
+from ..core.quantize import QuantizedWeight, decode_symbols, dequantize_weight, quantize_weight
 from ..core.spec import QuantSpec
 
 __all__ = ["SplitQuantLinear"]
@@ -129,6 +129,26 @@ class SplitQuantLinear(nn.Module):
         self.weight_scale = q.scale.to(device)
         self.weight_offset = q.offset.to(device)
         self._parameters.pop("weight", None)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` if the stored tensors cannot come from a valid quantization.
+
+        Checks that scales and offsets are finite, scales are non-negative and every cluster id is
+        below ``num_clusters`` (codes cannot exceed ``bits`` by construction of the packing).
+        """
+        for name in ("weight_scale", "weight_offset"):
+            if not bool(torch.isfinite(getattr(self, name)).all()):
+                raise ValueError(f"{name} holds NaN or infinite values")
+        if bool((self.weight_scale < 0).any()):
+            raise ValueError("weight_scale holds negative values")
+        if self.spec.num_clusters < (1 << self.spec.id_bits) and self.weight_packed.numel():
+            ids, _ = decode_symbols(self.weight_packed, self.in_features, self.spec)
+            top = int(ids.max())
+            if top >= self.spec.num_clusters:
+                raise ValueError(
+                    f"weight_packed holds cluster id {top}, but num_clusters={self.spec.num_clusters}: "
+                    "the codes do not match the declared settings"
+                )
 
     def quantized_weight(self) -> QuantizedWeight:
         """The stored compact tensors."""

@@ -347,3 +347,18 @@ def test_causal_lm_loss_is_finite(tiny_dirs, sample_inputs):
     with torch.no_grad():
         loss = model(input_ids=ids, labels=ids).loss
     assert torch.isfinite(loss)
+
+
+def test_cluster_ids_out_of_range_are_an_error(saved_bert):
+    key = "bert.encoder.layer.0.intermediate.dense.weight_packed"
+    # 0xFF in a 4-bit symbol layout means cluster id 3 with k = 3.
+    _rewrite_weights(saved_bert, lambda t: t[key].__setitem__((0, 0), 0xFF))
+    with pytest.raises(ValueError, match=r"intermediate\.dense: weight_packed holds cluster id 3"):
+        load("bert-seqcls", saved_bert)
+
+
+def test_non_finite_scale_is_an_error(saved_bert):
+    key = "bert.encoder.layer.0.output.dense.weight_scale"
+    _rewrite_weights(saved_bert, lambda t: t[key].__setitem__((0, 0, 0), float("nan")))
+    with pytest.raises(ValueError, match=r"output\.dense: weight_scale holds NaN"):
+        load("bert-seqcls", saved_bert)

@@ -1,0 +1,83 @@
+"""SplitQuantConfig: validation with actionable messages, JSON round trip, registration."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, BertConfig
+from transformers.quantizers.auto import AutoQuantizationConfig
+
+from optimum_splitquant import FORMAT_VERSION, SplitQuantConfig
+
+
+def test_defaults_and_spec():
+    cfg = SplitQuantConfig(bits=2)
+    assert (cfg.bits, cfg.num_clusters, cfg.group_size, cfg.clustering) == (2, 3, None, "tensor")
+    assert cfg.format_version == FORMAT_VERSION and cfg.quant_method == "splitquant"
+    spec = cfg.to_spec()
+    assert spec.symbol_width == 4 and spec.scale_dtype == torch.float16
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(bits=2),
+        dict(bits=8, num_clusters=1, group_size=64, clustering="channel", scale_dtype="float32"),
+        dict(bits=3, modules_to_not_convert=["classifier", "pooler.dense"], scale_dtype="bfloat16"),
+    ],
+    ids=["int2-defaults", "int8-plain-grouped", "int3-skips"],
+)
+def test_json_round_trip(kwargs):
+    cfg = SplitQuantConfig(**kwargs)
+    text = cfg.to_json_string()
+    again = AutoQuantizationConfig.from_dict(json.loads(text))
+    assert isinstance(again, SplitQuantConfig)
+    assert again == cfg and again.to_dict() == json.loads(text)
+
+
+def test_round_trip_through_config_json(tmp_path):
+    model_cfg = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    model_cfg.quantization_config = SplitQuantConfig(bits=4, group_size=32)
+    model_cfg.save_pretrained(tmp_path)
+    stored = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert stored == SplitQuantConfig(bits=4, group_size=32).to_dict()
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert AutoQuantizationConfig.from_dict(loaded.quantization_config) == SplitQuantConfig(bits=4, group_size=32)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "pattern"),
+    [
+        (dict(bits=0), ValueError, r"bits must be one of \(2, 3, 4, 8\), got 0"),
+        (dict(bits=1), ValueError, r"bits must be one of .*got 1"),
+        (dict(bits=9), ValueError, r"bits must be one of .*got 9"),
+        (dict(bits="two"), TypeError, r"bits must be .*got 'two'"),
+        (dict(bits=None), TypeError, r"bits must be .*got None"),
+        (dict(bits=2.0), TypeError, r"bits must be .*got 2.0"),
+        (dict(bits=True), TypeError, r"bits must be .*got True"),
+        (dict(num_clusters=0), ValueError, r"num_clusters must be an integer in \[1, 16\], got 0"),
+        (dict(num_clusters=1000), ValueError, r"num_clusters must be .*got 1000"),
+        (dict(group_size=0), ValueError, r"group_size must be None or a positive integer, got 0"),
+        (dict(group_size="64"), TypeError, r"group_size must be .*got '64'"),
+        (dict(clustering="row"), ValueError, r"clustering must be one of \('tensor', 'channel'\), got 'row'"),
+        (dict(scale_dtype="int8"), ValueError, r"scale_dtype must be one of .*got 'int8'"),
+        (dict(modules_to_not_convert="lm_head"), TypeError, r"modules_to_not_convert must be None or a list"),
+        (dict(format_version=2), ValueError, r"format_version 2 was written by a newer optimum-splitquant"),
+        (dict(format_version=0), ValueError, r"format_version must be >= 1"),
+        (dict(quant_method="gptq"), ValueError, r"quant_method must be 'splitquant', got 'gptq'"),
+        (dict(bitz=2), TypeError, r"unknown field\(s\) \['bitz'\]"),
+    ],
+    ids=lambda v: str(v) if not isinstance(v, dict) else ",".join(f"{k}={v[k]!r}" for k in v),
+)
+def test_bad_values_name_the_field(kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        SplitQuantConfig(**kwargs)
+
+
+def test_unknown_key_in_saved_config_is_refused():
+    data = SplitQuantConfig(bits=2).to_dict()
+    data["future_option"] = True
+    with pytest.raises(TypeError, match="future_option"):
+        AutoQuantizationConfig.from_dict(data)
