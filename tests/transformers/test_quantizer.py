@@ -32,7 +32,9 @@ def load(name, path, **kwargs):
 
 def run(model, inputs):
     with torch.no_grad():
-        out = model(**{k: v for k, v in inputs.items() if k != "token_type_ids" or "bert" in type(model).__name__.lower()})
+        out = model(
+            **{k: v for k, v in inputs.items() if k != "token_type_ids" or "bert" in type(model).__name__.lower()}
+        )
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
@@ -81,7 +83,8 @@ def test_save_reload_in_fresh_process_bit_identical(name, tiny_dirs, sample_inpu
     model.save_pretrained(out_dir)
     with safe_open(str(out_dir / "model.safetensors"), framework="pt") as f:
         assert f.metadata()[METADATA_FORMAT_KEY] == "1"
-        assert not any(k.endswith(".weight") and k.rsplit(".", 1)[0] in quantized_layers(model) for k in f.keys())
+        names = f.keys()
+        assert not any(k.endswith(".weight") and k.rsplit(".", 1)[0] in quantized_layers(model) for k in names)
     saved = json.loads((out_dir / "config.json").read_text())["quantization_config"]
     assert saved["quant_method"] == "splitquant" and saved["bits"] == 3 and saved["format_version"] == 1
     inputs_file = tmp_path / "inputs.safetensors"
@@ -263,7 +266,9 @@ def _rewrite_weights(folder: Path, edit) -> None:
 
 def test_missing_quantized_tensor_is_an_error(saved_bert):
     _rewrite_weights(saved_bert, lambda t: t.pop("bert.encoder.layer.0.attention.self.query.weight_scale"))
-    with pytest.raises(ValueError, match=r"missing tensor 'bert\.encoder\.layer\.0\.attention\.self\.query\.weight_scale'"):
+    with pytest.raises(
+        ValueError, match=r"missing tensor 'bert\.encoder\.layer\.0\.attention\.self\.query\.weight_scale'"
+    ):
         load("bert-seqcls", saved_bert)
 
 
@@ -307,7 +312,9 @@ def test_explicit_modules_to_not_convert(tiny_dirs):
 
 
 def test_tied_output_embeddings_are_never_quantized(tiny_dirs):
-    model = load("gpt2-lm", tiny_dirs["gpt2-lm"], quantization_config=SplitQuantConfig(bits=2, modules_to_not_convert=[]))
+    model = load(
+        "gpt2-lm", tiny_dirs["gpt2-lm"], quantization_config=SplitQuantConfig(bits=2, modules_to_not_convert=[])
+    )
     assert "lm_head" not in quantized_layers(model)
     assert model.lm_head.weight is model.transformer.wte.weight
 
