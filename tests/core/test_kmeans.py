@@ -1,0 +1,214 @@
+"""Exact 1-D k-means: optimality against scikit-learn on real weights, invariants, degenerate inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from sklearn.cluster import KMeans
+from threadpoolctl import threadpool_limits
+
+from optimum_splitquant.core import assign_clusters, kmeans_1d
+from tests.helpers import minilm_linear_weights
+
+
+def recomputed_inertia(values: torch.Tensor, centers: torch.Tensor, boundaries: torch.Tensor) -> torch.Tensor:
+    """Sum of squared distances to the assigned centre, computed directly (float64, per row)."""
+    v = values.to(torch.float64).reshape(centers.shape[0], -1)
+    ids = assign_clusters(v, boundaries)
+    return ((v - centers.gather(1, ids)) ** 2).sum(dim=1)
+
+
+def check_invariants(values: torch.Tensor, k: int) -> None:
+    """Properties every result must satisfy, for ``values`` of shape ``(n,)`` or ``(G, n)``."""
+    v = values.reshape(-1, values.shape[-1]).to(torch.float64)
+    rows, n = v.shape
+    r = kmeans_1d(values, k)
+    assert r.centers.shape == (rows, k) and r.centers.dtype == torch.float64
+    assert r.boundaries.shape == (rows, k - 1) and r.boundaries.dtype == torch.float64
+    assert r.counts.shape == (rows, k) and r.counts.dtype == torch.int64
+    assert r.inertia.shape == (rows,) and r.inertia.dtype == torch.float64
+    for t in (r.centers, r.boundaries, r.inertia):
+        assert bool(torch.isfinite(t).all()), "NaN or inf in the result"
+    assert bool((r.centers.diff(dim=1) >= 0).all()), "centres are not sorted"
+    assert torch.equal(r.boundaries, (r.centers[:, :-1] + r.centers[:, 1:]) / 2)
+    assert torch.equal(r.counts.sum(dim=1), torch.full((rows,), n, dtype=torch.int64))
+    assert bool((r.counts >= 0).all())
+    ids = assign_clusters(v, r.boundaries)
+    assert ids.shape == (rows, n)
+    bincount = torch.stack([torch.bincount(row, minlength=k) for row in ids])
+    assert torch.equal(bincount, r.counts), "counts disagree with assign_clusters"
+    # Lloyd fixed point: a non-empty cluster's centre is the mean of its members.
+    for g in range(rows):
+        for j in range(k):
+            members = v[g][ids[g] == j]
+            if members.numel():
+                torch.testing.assert_close(r.centers[g, j], members.mean(), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(r.inertia, recomputed_inertia(v, r.centers, r.boundaries), rtol=1e-9, atol=1e-12)
+    assert bool((r.inertia >= 0).all())
+
+
+def test_matches_or_beats_sklearn_on_real_minilm_weights() -> None:
+    weights = minilm_linear_weights()
+    assert len(weights) == 37
+    worst_ratio, worst_name = -math.inf, ""
+    for name, w in weights.items():
+        x = w.flatten()
+        ours = kmeans_1d(x, 3)
+        direct = float(recomputed_inertia(x, ours.centers, ours.boundaries)[0])
+        assert float(ours.inertia[0]) == pytest.approx(direct, rel=1e-9), name
+        # One OpenMP thread: on a busy 2-core machine sklearn's thread pool oversubscribes (4x slower).
+        with threadpool_limits(1):
+            ref = KMeans(3, n_init="auto", random_state=0).fit(x.to(torch.float64).numpy().reshape(-1, 1))
+        ratio = float(ours.inertia[0]) / ref.inertia_
+        if ratio > worst_ratio:
+            worst_ratio, worst_name = ratio, name
+        assert ratio <= 1 + 1e-6, f"{name}: kmeans_1d inertia {float(ours.inertia[0])} > sklearn {ref.inertia_}"
+        assert int(ours.counts.sum()) == x.numel()
+    print(f"\nworst kmeans_1d / sklearn inertia ratio over 37 MiniLM weights: {worst_ratio:.9f} ({worst_name})")
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 7, 16], ids=lambda k: f"k{k}")
+def test_invariants_random(k: int) -> None:
+    gen = torch.Generator().manual_seed(k)
+    values = torch.cat([torch.randn(300, generator=gen), 6 + 0.1 * torch.randn(20, generator=gen)])
+    check_invariants(values, k)
+    check_invariants(values.reshape(4, 80), k)
+
+
+@pytest.mark.parametrize("k", [2, 3, 5], ids=lambda k: f"k{k}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_per_row_equals_rows_separately(k: int, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(10 + k)
+    values = (torch.randn(6, 200, generator=gen) * torch.linspace(0.1, 3.0, 6)[:, None]).to(dtype)
+    values[2, :50] += 8  # one row with an outlier mass, so rows converge after different numbers of iterations
+    batched = kmeans_1d(values, k)
+    for g in range(values.shape[0]):
+        single = kmeans_1d(values[g], k)
+        for field in ("centers", "boundaries", "counts", "inertia"):
+            assert torch.equal(getattr(batched, field)[g], getattr(single, field)[0]), (g, field)
+
+
+def test_deterministic() -> None:
+    values = minilm_linear_weights()["encoder.layer.0.attention.self.query.weight"]
+    a, b = kmeans_1d(values.flatten(), 3), kmeans_1d(values.flatten(), 3)
+    c, d = kmeans_1d(values, 4), kmeans_1d(values, 4)
+    for field in ("centers", "boundaries", "counts", "inertia"):
+        assert torch.equal(getattr(a, field), getattr(b, field))
+        assert torch.equal(getattr(c, field), getattr(d, field))
+
+
+@pytest.mark.parametrize("k", [2, 3, 8], ids=lambda k: f"k{k}")
+def test_invariant_to_permutation(k: int) -> None:
+    gen = torch.Generator().manual_seed(k)
+    values = torch.randn(1000, generator=gen) ** 3
+    perm = torch.randperm(values.numel(), generator=gen)
+    a, b = kmeans_1d(values, k), kmeans_1d(values[perm], k)
+    for field in ("centers", "boundaries", "counts", "inertia"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+
+
+def test_k1_is_the_mean() -> None:
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randn(3, 500, generator=gen, dtype=torch.float64) + torch.tensor([[0.0], [5.0], [-2.0]])
+    r = kmeans_1d(values, 1)
+    torch.testing.assert_close(r.centers[:, 0], values.mean(dim=1), rtol=1e-12, atol=1e-14)
+    assert r.boundaries.shape == (3, 0)
+    assert r.counts.tolist() == [[500]] * 3
+    expected = ((values - values.mean(dim=1, keepdim=True)) ** 2).sum(dim=1)
+    torch.testing.assert_close(r.inertia, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_separated_groups_are_found() -> None:
+    values = torch.tensor([-10.0, -10.5, -9.5, 0.0, 0.25, -0.25, 0.5, 20.0, 21.0])
+    r = kmeans_1d(values, 3)
+    assert r.counts.tolist() == [[3, 4, 2]]
+    torch.testing.assert_close(r.centers, torch.tensor([[-10.0, 0.125, 20.5]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    ("values", "k", "counts"),
+    [
+        pytest.param([0.7] * 10, 3, None, id="constant-row"),
+        pytest.param([0.0, 0.0, 1.0, 1.0], 3, None, id="two-distinct-k3"),
+        pytest.param([2.5], 3, [[1, 0, 0]], id="n1-k3"),
+        pytest.param([2.5], 1, [[1]], id="n1-k1"),
+        pytest.param([-4.0, -4.0, -4.0], 16, None, id="single-value-k16"),
+        pytest.param([0.0, 1.0, 2.0], 3, [[1, 1, 1]], id="n-equals-k"),
+        pytest.param([0.0, 1e-30, 1.0, 1.0 + 1e-12], 2, [[2, 2]], id="tiny-gaps"),
+    ],
+)
+def test_degenerate_inputs(values: list[float], k: int, counts: list[list[int]] | None) -> None:
+    t = torch.tensor(values, dtype=torch.float64)
+    check_invariants(t, k)
+    r = kmeans_1d(t, k)
+    distinct = torch.unique(t).numel()
+    assert int((r.counts > 0).sum()) == min(distinct, k)
+    if distinct <= k:
+        assert float(r.inertia[0]) == 0.0
+    if counts is not None:
+        assert r.counts.tolist() == counts
+
+
+def test_degenerate_rows_in_a_batch() -> None:
+    values = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0], [0.0, 1.0, 2.0, 3.0]])
+    check_invariants(values, 3)
+    r = kmeans_1d(values, 3)
+    assert r.inertia[:2].tolist() == [0.0, 0.0]
+    assert (r.counts > 0).sum(dim=1).tolist() == [1, 2, 3]
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+def test_non_finite_raises(bad: float) -> None:
+    values = torch.tensor([[0.0, 1.0, bad, 2.0]])
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        kmeans_1d(values, 3)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        kmeans_1d(values[0], 1)
+
+
+@pytest.mark.parametrize("k", [0, -1, True, 2.0], ids=repr)
+def test_bad_k_raises(k: object) -> None:
+    with pytest.raises(ValueError, match="k must be"):
+        kmeans_1d(torch.randn(10), k)  # type: ignore[arg-type]
+
+
+def test_bad_shapes_raise() -> None:
+    with pytest.raises(ValueError):
+        kmeans_1d(torch.randn(2, 3, 4), 2)
+    with pytest.raises(ValueError):
+        kmeans_1d(torch.empty(0), 2)
+    with pytest.raises(ValueError):
+        kmeans_1d(torch.empty(3, 0), 2)
+
+
+def test_integer_input_is_accepted() -> None:
+    r = kmeans_1d(torch.tensor([0, 0, 10, 10, 11]), 2)
+    assert r.counts.tolist() == [[2, 3]]
+    torch.testing.assert_close(r.centers, torch.tensor([[0.0, 31 / 3]], dtype=torch.float64))
+
+
+def test_assign_clusters_boundary_goes_to_lower_cluster() -> None:
+    boundaries = torch.tensor([[0.5, 1.5]], dtype=torch.float64)
+    values = torch.tensor(
+        [[-100.0, 0.5, math.nextafter(0.5, 1.0), 1.5, math.nextafter(1.5, 2.0), 100.0]], dtype=torch.float64
+    )
+    assert assign_clusters(values, boundaries).tolist() == [[0, 0, 1, 1, 2, 2]]
+
+
+def test_assign_clusters_float32_values_against_float64_boundaries() -> None:
+    # 0.1 in float32 is 0.100000001490116...; a float64 boundary just below it must send it up.
+    v32 = torch.tensor([[0.1]], dtype=torch.float32)
+    exact = float(v32)
+    assert assign_clusters(v32, torch.tensor([[exact]], dtype=torch.float64)).tolist() == [[0]]
+    assert assign_clusters(v32, torch.tensor([[math.nextafter(exact, 0.0)]], dtype=torch.float64)).tolist() == [[1]]
+
+
+def test_assign_clusters_broadcasts_one_boundary_row_and_k1() -> None:
+    values = torch.tensor([[0.0, 2.0], [3.0, -1.0]])
+    assert assign_clusters(values, torch.tensor([[1.0]])).tolist() == [[0, 1], [1, 0]]
+    assert assign_clusters(values, torch.tensor([[2.0], [3.0]])).tolist() == [[0, 0], [0, 0]]
+    assert assign_clusters(values, torch.tensor([[-1.0], [-2.0]])).tolist() == [[1, 1], [1, 1]]
+    ids = assign_clusters(values, torch.empty(1, 0))
+    assert ids.dtype == torch.int64 and ids.tolist() == [[0, 0], [0, 0]]
