@@ -7,15 +7,29 @@ weight is loaded.
 
 from __future__ import annotations
 
+import json
 import os
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from safetensors import safe_open
 
-__all__ = ["METADATA_FORMAT_KEY", "CheckpointIndex", "TensorInfo", "read_checkpoint_index"]
+__all__ = [
+    "METADATA_FORMAT_KEY",
+    "METADATA_SAVE_ID_KEY",
+    "METADATA_SETTINGS_KEY",
+    "CheckpointIndex",
+    "TensorInfo",
+    "check_consistency",
+    "header_metadata",
+    "read_checkpoint_index",
+]
 
 METADATA_FORMAT_KEY = "splitquant_format_version"
+METADATA_SAVE_ID_KEY = "splitquant_save_id"
+METADATA_SETTINGS_KEY = "splitquant_settings"
 
 
 @dataclass(frozen=True)
@@ -42,6 +56,61 @@ class CheckpointIndex:
     def format_versions(self) -> set[str]:
         """The SplitQuant format versions recorded in the file headers (empty if none)."""
         return {meta[METADATA_FORMAT_KEY] for meta in self.metadata.values() if METADATA_FORMAT_KEY in meta}
+
+
+def header_metadata(format_version: int, settings: dict[str, Any]) -> dict[str, str]:
+    """Metadata written into every safetensors header of one save.
+
+    ``splitquant_save_id`` is fresh for each save, so shards of different saves (an interrupted
+    save over an older checkpoint) are told apart; ``splitquant_settings`` repeats the settings the
+    tensors were built with, so a ``config.json`` from another save is caught.
+    """
+    return {
+        METADATA_FORMAT_KEY: str(format_version),
+        METADATA_SAVE_ID_KEY: uuid.uuid4().hex,
+        METADATA_SETTINGS_KEY: json.dumps(settings, sort_keys=True),
+    }
+
+
+def check_consistency(index: CheckpointIndex, supported_version: int, settings: dict[str, Any]) -> None:
+    """Raise ``ValueError`` unless every file holding SplitQuant tensors belongs to one save with ``settings``."""
+    files_with_q = {info.file for key, info in index.tensors.items() if key.endswith(".weight_packed")}
+    if not files_with_q:
+        raise ValueError(
+            "config.json declares quant_method 'splitquant' but the checkpoint holds no SplitQuant tensors "
+            "(float weights under a SplitQuant config); load the float model without that quantization_config, "
+            "or pass the float folder with quantization_config=SplitQuantConfig(...) to quantize it"
+        )
+    save_ids = set()
+    for name in sorted(files_with_q):
+        meta = index.metadata.get(name, {})
+        version = meta.get(METADATA_FORMAT_KEY)
+        if version is None:
+            raise ValueError(
+                f"{name}: header has no {METADATA_FORMAT_KEY}; not written by optimum-splitquant, or damaged"
+            )
+        if not version.isdigit() or int(version) > supported_version:
+            raise ValueError(
+                f"{name}: checkpoint format version {version!r} is not readable by this release "
+                f"(reads <= {supported_version}); upgrade optimum-splitquant"
+            )
+        stored = meta.get(METADATA_SETTINGS_KEY)
+        if stored is not None:
+            try:
+                stored_settings = json.loads(stored)
+            except ValueError:
+                raise ValueError(f"{name}: header field {METADATA_SETTINGS_KEY} is not valid JSON") from None
+            if stored_settings != settings:
+                raise ValueError(
+                    f"{name}: its tensors were written with {stored_settings} but config.json says {settings}; "
+                    "config.json and the weights come from different saves"
+                )
+        save_ids.add(meta.get(METADATA_SAVE_ID_KEY))
+    if len(save_ids) > 1:
+        raise ValueError(
+            "the checkpoint's shards come from different saves (an interrupted save over an older checkpoint?); "
+            "save the model again"
+        )
 
 
 def read_checkpoint_index(files: Iterable[str | os.PathLike]) -> CheckpointIndex:

@@ -109,6 +109,10 @@ class SplitQuantConfig(QuantizationConfigMixin):
             scale_dtype=SCALE_DTYPES[self.scale_dtype],
         )
 
+    def storage_settings(self) -> dict[str, Any]:
+        """The settings the stored tensors depend on (also written into every safetensors header)."""
+        return {name: getattr(self, name) for name in ("bits", "num_clusters", "group_size", "clustering")}
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict of every field (what ``config.json`` stores)."""
         return {name: copy.deepcopy(getattr(self, name)) for name in _FIELDS}

@@ -14,7 +14,7 @@ import torch
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers import HfQuantizer
 
-from .checkpoint import METADATA_FORMAT_KEY, CheckpointIndex, read_checkpoint_index
+from .checkpoint import CheckpointIndex, check_consistency, header_metadata, read_checkpoint_index
 from .config import FORMAT_VERSION, QUANT_METHOD, SplitQuantConfig
 from .core.packing import packed_row_bytes
 from .nn.linear import SplitQuantLinear
@@ -90,13 +90,7 @@ class SplitQuantHfQuantizer(HfQuantizer):
         if index is None:
             kept = set(self.quantization_config.modules_to_not_convert or [])
             return [n for n in layers if n not in kept]
-        versions = index.format_versions()
-        for v in versions:
-            if not v.isdigit() or int(v) > FORMAT_VERSION:
-                raise ValueError(
-                    f"checkpoint format version {v!r} is not readable by this release (reads <= {FORMAT_VERSION}); "
-                    "upgrade optimum-splitquant"
-                )
+        check_consistency(index, FORMAT_VERSION, self.quantization_config.storage_settings())
         names = sorted(index.module_names_with("weight_packed"))
         unknown = [n for n in names if n not in layers]
         if unknown:
@@ -153,7 +147,8 @@ class SplitQuantHfQuantizer(HfQuantizer):
         return model
 
     def get_state_dict_and_metadata(self, model: torch.nn.Module) -> tuple[None, dict[str, str]]:
-        return None, {METADATA_FORMAT_KEY: str(FORMAT_VERSION), "quant_method": QUANT_METHOD}
+        settings = self.quantization_config.storage_settings()
+        return None, {**header_metadata(FORMAT_VERSION, settings), "quant_method": QUANT_METHOD}
 
     def _dequantize(self, model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
         return dequantize_model(model, dtype)
