@@ -12,6 +12,8 @@ from .nn import SplitQuantLinear
 from .optimum_quantizer import SplitQuantizer
 from .quantizer import SplitQuantHfQuantizer
 from .report import effective_bits, size_report
+from .saving import save_pretrained_atomic
+from .verify import verify_checkpoint
 
 __version__ = "0.1.0"
 
@@ -30,5 +32,7 @@ __all__ = [
     "kmeans_1d",
     "quantize_model",
     "quantize_weight",
+    "save_pretrained_atomic",
     "size_report",
+    "verify_checkpoint",
 ]

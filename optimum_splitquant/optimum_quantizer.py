@@ -14,7 +14,7 @@ from transformers import PreTrainedModel
 from .config import SplitQuantConfig
 from .convert import quantize_model
 
-__all__ = ["SplitQuantizer"]
+__all__ = ["SplitQuantizer", "model_class_for"]
 
 
 class SplitQuantizer(OptimumQuantizer):
@@ -46,13 +46,13 @@ class SplitQuantizer(OptimumQuantizer):
         if isinstance(self.model_or_path, PreTrainedModel):
             model = quantize_model(self.model_or_path, config)
         else:
-            model_cls = _model_class(self.model_or_path)
+            model_cls = model_class_for(self.model_or_path)
             model = model_cls.from_pretrained(self.model_or_path, quantization_config=config, **kwargs)
         model.save_pretrained(save_dir)
         return model
 
 
-def _model_class(path: str | os.PathLike) -> type[PreTrainedModel]:
+def model_class_for(path: str | os.PathLike) -> type[PreTrainedModel]:
     """The class named by ``architectures`` in the folder's config.json (looked up by name, never evaluated)."""
     config_file = Path(path) / "config.json"
     architectures = []

@@ -11,35 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tiny import TINY, load, quantized_layers, rewrite_weights, run
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, pipeline
 from transformers.pytorch_utils import Conv1D
 
 import optimum_splitquant
-from optimum_splitquant import SplitQuantConfig, SplitQuantLinear, size_report
+from optimum_splitquant import SplitQuantConfig, size_report
 from optimum_splitquant.checkpoint import METADATA_FORMAT_KEY
 
 HEADS = {"bert-base": "pooler.dense", "bert-seqcls": "classifier", "gpt2-lm": "lm_head", "llama-lm": "lm_head"}
-
-
-def load(name, path, **kwargs):
-    auto, _ = TINY[name]
-    return auto.from_pretrained(path, **kwargs).eval()
-
-
-def run(model, inputs):
-    with torch.no_grad():
-        out = model(
-            **{k: v for k, v in inputs.items() if k != "token_type_ids" or "bert" in type(model).__name__.lower()}
-        )
-    return out.logits if hasattr(out, "logits") else out.last_hidden_state
-
-
-def quantized_layers(model):
-    return {n: m for n, m in model.named_modules() if isinstance(m, SplitQuantLinear)}
 
 
 def float_layers(model):
@@ -255,17 +238,8 @@ def saved_bert(tiny_dirs, tmp_path):
     return tmp_path
 
 
-def _rewrite_weights(folder: Path, edit) -> None:
-    path = folder / "model.safetensors"
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-    tensors = load_file(str(path))
-    edit(tensors)
-    save_file(tensors, str(path), metadata=meta)
-
-
 def test_missing_quantized_tensor_is_an_error(saved_bert):
-    _rewrite_weights(saved_bert, lambda t: t.pop("bert.encoder.layer.0.attention.self.query.weight_scale"))
+    rewrite_weights(saved_bert, lambda t: t.pop("bert.encoder.layer.0.attention.self.query.weight_scale"))
     with pytest.raises(
         ValueError, match=r"missing tensor 'bert\.encoder\.layer\.0\.attention\.self\.query\.weight_scale'"
     ):
@@ -274,7 +248,7 @@ def test_missing_quantized_tensor_is_an_error(saved_bert):
 
 def test_mis_shaped_tensor_is_an_error(saved_bert):
     key = "bert.encoder.layer.1.output.dense.weight_packed"
-    _rewrite_weights(saved_bert, lambda t: t.__setitem__(key, t[key][:, :-1].contiguous()))
+    rewrite_weights(saved_bert, lambda t: t.__setitem__(key, t[key][:, :-1].contiguous()))
     with pytest.raises(ValueError, match=r"weight_packed.*expected shape"):
         load("bert-seqcls", saved_bert)
 
@@ -359,13 +333,13 @@ def test_causal_lm_loss_is_finite(tiny_dirs, sample_inputs):
 def test_cluster_ids_out_of_range_are_an_error(saved_bert):
     key = "bert.encoder.layer.0.intermediate.dense.weight_packed"
     # 0xFF in a 4-bit symbol layout means cluster id 3 with k = 3.
-    _rewrite_weights(saved_bert, lambda t: t[key].__setitem__((0, 0), 0xFF))
+    rewrite_weights(saved_bert, lambda t: t[key].__setitem__((0, 0), 0xFF))
     with pytest.raises(ValueError, match=r"intermediate\.dense: weight_packed holds cluster id 3"):
         load("bert-seqcls", saved_bert)
 
 
 def test_non_finite_scale_is_an_error(saved_bert):
     key = "bert.encoder.layer.0.output.dense.weight_scale"
-    _rewrite_weights(saved_bert, lambda t: t[key].__setitem__((0, 0, 0), float("nan")))
+    rewrite_weights(saved_bert, lambda t: t[key].__setitem__((0, 0, 0), float("nan")))
     with pytest.raises(ValueError, match=r"output\.dense: weight_scale holds NaN"):
         load("bert-seqcls", saved_bert)
