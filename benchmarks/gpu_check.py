@@ -1,0 +1,202 @@
+"""One short, prepared GPU check (run by hand where a CUDA GPU is available; never in CI).
+
+Builds a random ~1 B-parameter Llama-architecture checkpoint (bf16, several safetensors shards)
+on the GPU machine, then through ``device_map=args.device``: quantizes it at load (SplitQuant INT4 and
+INT2), measures load throughput and peak GPU memory, compares forward and greedy-decoding time with
+the bf16 model side by side, saves the INT4 model, reloads it on the GPU and on the CPU, and checks
+that packed bytes are the same whether a layer is quantized on the GPU or on the CPU.
+
+    python benchmarks/gpu_check.py --out results/    # writes gpu_check.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+import optimum_splitquant as osq
+from optimum_splitquant.core import QuantSpec, quantize_weight
+
+logger = logging.getLogger("gpu_check")
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _time(fn, repeat: int = 5) -> float:
+    fn()
+    _sync()
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        _sync()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def _reset_peak(cuda: bool) -> None:
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak(cuda: bool) -> int:
+    return torch.cuda.max_memory_allocated() if cuda else 0
+
+
+def _allocated(cuda: bool) -> int:
+    return torch.cuda.memory_allocated() if cuda else 0
+
+
+def _empty(cuda: bool) -> None:
+    if cuda:
+        torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def _bench(model, ids: torch.Tensor, prompt: torch.Tensor) -> tuple[float, float]:
+    """(best forward time on ``ids``, best time of 32 greedy tokens from ``prompt``)."""
+    forward = _time(lambda: model(ids))
+    generate = _time(lambda: model.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False), repeat=2)
+    return forward, generate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--device", default="cuda", help="'cpu' only for a dry run of the script itself")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    res: dict = {
+        "gpu": torch.cuda.get_device_name(0) if cuda else "none (dry run)",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+    cfg = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=args.hidden,
+        intermediate_size=4 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
+    work = Path(tempfile.mkdtemp())
+    float_dir = work / "float"
+    t = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    res["params"] = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(float_dir, max_shard_size="500MB")
+    del model
+    _empty(cuda)
+    res["build_s"] = time.perf_counter() - t
+    res["shards"] = len(list(float_dir.glob("*.safetensors")))
+    logger.info("random Llama: %.2f B params, %d shards", res["params"] / 1e9, res["shards"])
+
+    ids = torch.randint(0, 32000, (8, 512), device=dev)
+    prompt = torch.randint(0, 32000, (1, 16), device=dev)
+
+    _reset_peak(cuda)
+    fp = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.bfloat16, device_map=args.device).eval()
+    res["bf16_peak_gib"] = _peak(cuda) / 2**30
+    with torch.no_grad():
+        ref_logits = fp(ids[:1, :64]).logits.float()
+    t_fp, g_fp = _bench(fp, ids, prompt)
+    res["bf16_forward_s"], res["bf16_generate32_s"] = t_fp, g_fp
+    del fp
+    _empty(cuda)
+
+    for bits in (4, 2):
+        _reset_peak(cuda)
+        base = _allocated(cuda)
+        t = time.perf_counter()
+        q = AutoModelForCausalLM.from_pretrained(
+            float_dir, dtype=torch.bfloat16, device_map=args.device, quantization_config=osq.SplitQuantConfig(bits=bits)
+        ).eval()
+        _sync()
+        load_s = time.perf_counter() - t
+        rep = osq.size_report(q)
+        entry = {
+            "load_s": load_s,
+            "weights_per_s_M": rep.quantized_weights / load_s / 1e6,
+            "effective_bits": rep.effective_bits,
+            "peak_gib": (_peak(cuda) - base) / 2**30,
+            "resident_gib": (_allocated(cuda) - base) / 2**30,
+        }
+        with torch.no_grad():
+            logits = q(ids[:1, :64]).logits.float()
+            entry["logit_cosine_to_bf16"] = torch.nn.functional.cosine_similarity(
+                logits.double().flatten(), ref_logits.double().flatten(), dim=0
+            ).item()
+        entry["forward_s"], entry["generate32_s"] = _bench(q, ids, prompt)
+        entry["forward_ratio"] = entry["forward_s"] / t_fp
+        entry["generate_ratio"] = entry["generate32_s"] / g_fp
+        logger.info("INT%d: %s", bits, entry)
+        res[f"int{bits}"] = entry
+        if bits == 4:
+            qdir = work / "q4"
+            q.save_pretrained(qdir)
+            with torch.no_grad():
+                out_gpu = q(ids[:1, :32]).logits.float().cpu()
+            del q
+            _empty(cuda)
+            again = AutoModelForCausalLM.from_pretrained(qdir, device_map=args.device).eval()
+            with torch.no_grad():
+                res["reload_gpu_identical"] = bool(torch.equal(again(ids[:1, :32]).logits.float().cpu(), out_gpu))
+            del again
+            cpu = AutoModelForCausalLM.from_pretrained(qdir, device_map="cpu").eval()
+            with torch.no_grad():
+                out_cpu = cpu(ids[:1, :32].cpu()).logits.float()
+            res["reload_cpu_max_abs_diff"] = (out_cpu - out_gpu).abs().max().item()
+            res["reload_cpu_cosine"] = torch.nn.functional.cosine_similarity(
+                out_cpu.double().flatten(), out_gpu.double().flatten(), dim=0
+            ).item()
+            del cpu
+        else:
+            del q
+        _empty(cuda)
+
+    # Same bytes on GPU and CPU for a real-sized layer.
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(args.hidden, 4 * args.hidden, generator=gen) * 0.02
+    w[0, :4] = torch.tensor([0.9, -0.7, 0.5, -1.2])
+    same = {}
+    for bits in (2, 4):
+        spec = QuantSpec(bits=bits)
+        a = quantize_weight(w, spec)
+        b = quantize_weight(w.to(dev), spec)
+        same[f"int{bits}"] = bool(
+            torch.equal(a.packed, b.packed.cpu())
+            and torch.equal(a.scale, b.scale.cpu())
+            and torch.equal(a.offset, b.offset.cpu())
+        )
+    res["gpu_cpu_same_bytes"] = same
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.json").write_text(json.dumps(res, indent=2))
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()
