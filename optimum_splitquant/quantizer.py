@@ -40,6 +40,7 @@ class SplitQuantHfQuantizer(HfQuantizer):
         # A private copy: the resolved module list is written back without touching the caller's object.
         super().__init__(copy.deepcopy(quantization_config), **kwargs)
         self.spec = self.quantization_config.to_spec()
+        self.load_errors: dict[str, str] = {}
 
     @property
     def is_trainable(self) -> bool:
@@ -95,7 +96,7 @@ class SplitQuantHfQuantizer(HfQuantizer):
         unknown = [n for n in names if n not in layers]
         if unknown:
             raise ValueError(
-                f"checkpoint holds SplitQuant tensors for {unknown[:5]} which are not Linear/Conv1D layers of "
+                f"checkpoint holds SplitQuant tensors for {unknown[:5]} which are not Linear/Conv1D/Conv2d layers of "
                 f"{type(model).__name__}; was it saved from another architecture?"
             )
         for name in names:
@@ -104,8 +105,19 @@ class SplitQuantHfQuantizer(HfQuantizer):
 
     def _check_layer_tensors(self, name: str, module: torch.nn.Module, index: CheckpointIndex) -> None:
         spec = self.spec
-        in_f, out_f, _ = layer_dims(module)
-        groups = spec.num_groups(in_f) if in_f else 1
+        in_f, out_f, source = layer_dims(module)
+        if source == "conv2d":
+            # One packed row per output kernel, of in_channels / groups * kh * kw weights.
+            layer = (
+                f"Conv2d({module.in_channels}, {module.out_channels}, kernel_size={tuple(module.kernel_size)}, "
+                f"groups={module.groups}): {out_f} kernels of {in_f} weights"
+            )
+        else:
+            layer = f"{type(module).__name__}({in_f} -> {out_f})"
+        try:
+            groups = spec.num_groups(in_f) if in_f else 1
+        except ValueError as exc:
+            raise ValueError(f"{name} ({layer}): {exc}") from None
         expected = {
             "weight_packed": ((out_f, packed_row_bytes(in_f, spec.symbol_width)), ("U8",)),
             "weight_scale": ((out_f, groups, spec.num_clusters), _SCALE_DTYPES),
@@ -121,13 +133,16 @@ class SplitQuantHfQuantizer(HfQuantizer):
             if info.shape != shape or info.dtype not in dtypes:
                 raise ValueError(
                     f"tensor {key!r} in {info.file} has shape {list(info.shape)} and dtype {info.dtype}; "
-                    f"expected shape {list(shape)} and dtype in {list(dtypes)} for bits={spec.bits}, "
+                    f"expected shape {list(shape)} and dtype in {list(dtypes)} for {layer} with bits={spec.bits}, "
                     f"num_clusters={spec.num_clusters}, group_size={spec.group_size}"
                 )
         if f"{name}.weight" in index.tensors:
             raise ValueError(f"checkpoint holds both a float {name}.weight and SplitQuant tensors for {name!r}")
 
     def _process_model_after_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
+        if self.load_errors:
+            details = "; ".join(f"{name}: {msg}" for name, msg in sorted(self.load_errors.items()))
+            raise ValueError(f"could not quantize {len(self.load_errors)} layer(s): {details}")
         for name, module in model.named_modules():
             if not isinstance(module, SplitQuantLinear) or hasattr(module, "_hf_hook"):
                 continue
@@ -173,8 +188,10 @@ class SplitQuantQuantize(ConversionOps):
         module = model.get_submodule(module_name)
         try:
             module.quantize_(value)
-        except ValueError as exc:
-            raise ValueError(f"{module_name}: {exc}") from None
+        except (ValueError, TypeError) as exc:
+            # transformers would fold an exception here into a generic RuntimeError; keep the
+            # layer's own message and raise it once loading is done.
+            self.hf_quantizer.load_errors[module_name] = str(exc)
         module._is_hf_initialized = True
         for buf in _BUFFERS:
             getattr(module, buf)._is_hf_initialized = True

@@ -1,6 +1,7 @@
 """Finding the layers SplitQuant replaces in a transformers model, and swapping them in and out.
 
-Eligible layers are ``nn.Linear`` and transformers' GPT-2 style ``Conv1D``. The default head
+Eligible layers are ``nn.Linear``, transformers' GPT-2 style ``Conv1D`` and ``nn.Conv2d``
+(quantized as :class:`~optimum_splitquant.nn.SplitQuantConv2d`, one row per output kernel). The default head
 policy keeps in float: every module whose weight is tied to another (tied output embeddings),
 the output embeddings, the model's ``_keep_in_fp32_modules`` and the last eligible layer of the
 model (the task head: ``classifier``, ``score``, ``lm_head``, ...).
@@ -17,11 +18,14 @@ from transformers.pytorch_utils import Conv1D
 from transformers.quantizers.quantizers_utils import should_convert_module
 
 from .core.spec import QuantSpec
+from .nn.conv import SplitQuantConv2d
 from .nn.linear import SplitQuantLinear
 
 __all__ = [
     "dequantize_model",
     "eligible_layers",
+    "layer_dims",
+    "quantized_from_float",
     "replace_layers",
     "resolve_modules_to_not_convert",
     "set_submodule",
@@ -30,16 +34,33 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
+ELIGIBLE_TYPES = (nn.Linear, Conv1D, nn.Conv2d)
+
+
 def eligible_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every ``nn.Linear`` / ``Conv1D`` of ``model`` by qualified name, in module order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and name}
+    """Every ``nn.Linear`` / ``Conv1D`` / ``nn.Conv2d`` of ``model`` by qualified name, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, ELIGIBLE_TYPES) and name}
 
 
 def layer_dims(module: nn.Module) -> tuple[int, int, str]:
-    """``(in_features, out_features, source)`` of an eligible float layer."""
+    """``(in_features, out_features, source)`` of an eligible float layer, its weight seen as ``(out, in)`` rows.
+
+    For ``nn.Conv2d`` ``in_features`` is the flattened kernel width ``in_channels / groups * kh * kw``.
+    """
     if isinstance(module, Conv1D):
         return module.nx, module.nf, "conv1d"
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return module.in_channels // module.groups * kh * kw, module.out_channels, "conv2d"
     return module.in_features, module.out_features, "linear"
+
+
+def quantized_from_float(module: nn.Module, spec: QuantSpec, ids: torch.Tensor | None = None) -> SplitQuantLinear:
+    """Quantize one eligible float layer into ``SplitQuantLinear`` (or ``SplitQuantConv2d`` for ``nn.Conv2d``)."""
+    _, _, source = layer_dims(module)
+    if source == "conv2d":
+        return SplitQuantConv2d.from_float(module, spec, ids=ids)
+    return SplitQuantLinear.from_float(module, spec, source=source, ids=ids)
 
 
 def resolve_modules_to_not_convert(model: nn.Module, requested: Iterable[str] | None) -> list[str]:
@@ -71,7 +92,10 @@ def replace_layers(
     *,
     float_weight: bool,
 ) -> list[str]:
-    """Replace the named eligible layers by ``SplitQuantLinear`` on the meta device; returns the names."""
+    """Replace the named eligible layers by ``SplitQuantLinear`` / ``SplitQuantConv2d`` on the meta device.
+
+    Returns the names replaced.
+    """
     layers = eligible_layers(model)
     replaced = []
     for name in names:
@@ -79,15 +103,31 @@ def replace_layers(
         in_f, out_f, source = layer_dims(module)
         try:
             with torch.device("meta"):
-                new = SplitQuantLinear(
-                    in_f,
-                    out_f,
-                    module.bias is not None,
-                    spec=spec,
-                    source=source,
-                    float_weight=float_weight,
-                    dtype=module.weight.dtype,
-                )
+                if source == "conv2d":
+                    new = SplitQuantConv2d(
+                        module.in_channels,
+                        module.out_channels,
+                        module.kernel_size,
+                        module.stride,
+                        module.padding,
+                        module.dilation,
+                        module.groups,
+                        module.bias is not None,
+                        module.padding_mode,
+                        spec=spec,
+                        float_weight=float_weight,
+                        dtype=module.weight.dtype,
+                    )
+                else:
+                    new = SplitQuantLinear(
+                        in_f,
+                        out_f,
+                        module.bias is not None,
+                        spec=spec,
+                        source=source,
+                        float_weight=float_weight,
+                        dtype=module.weight.dtype,
+                    )
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
         set_submodule(model, name, new)
@@ -95,8 +135,17 @@ def replace_layers(
     return replaced
 
 
-def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every ``SplitQuantLinear`` by the float layer type it replaced, in place."""
+def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -> nn.Module:
+    """Replace every ``SplitQuantLinear`` / ``SplitQuantConv2d`` by the float layer type it replaced, in place.
+
+    ``dtype`` may be a name (``"float32"``): transformers passes ``model.config.dtype``, a string
+    for some configs.
+    """
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype, None)
+        if not isinstance(resolved, torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}")
+        dtype = resolved
     for name, module in list(model.named_modules()):
         if not isinstance(module, SplitQuantLinear):
             continue

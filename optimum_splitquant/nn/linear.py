@@ -23,6 +23,23 @@ consumes and deletes.
 ``source`` records what the layer replaced (``"linear"`` for ``nn.Linear``, ``"conv1d"`` for
 GPT-2 style ``Conv1D`` whose weight is stored ``(in, out)``); the packed rows are always output
 channels, and the forward pass is the same.
+
+Forward paths (all compute with the same dequantized weight):
+
+* CPU, compiled kernels available (:mod:`optimum_splitquant.kernels`), fp32 input of at most
+  ``fused_max_tokens`` tokens (default :data:`FUSED_MAX_TOKENS` = 1, the decode step): one fused op
+  reads the packed bytes (no float weight is ever materialised); it differs from the plain path
+  only in fp32 summation order (~1e-6 relative). The kernel also beats dequantize + GEMM up to
+  about 32 tokens on 2 cores; raise ``layer.fused_max_tokens`` (per layer) to use it there, at the
+  price of outputs that are no longer bit-identical to the dequantized float twin for 2-32 tokens.
+* otherwise: dequantize (compiled kernel when available, bit-identical to the pure-torch
+  :func:`~optimum_splitquant.core.dequantize_weight`), then one ``F.linear``.
+* opt-in :meth:`SplitQuantLinear.cache_weight_` (or :func:`enable_weight_cache` for a whole
+  model): keeps the dequantized weight as a non-persistent buffer ``weight_cache`` and runs a plain
+  ``F.linear`` on it. Costs ``out_features * in_features`` floats per layer (fp32: 4 bytes per
+  weight, 8 to 16x the packed size); counted by ``get_memory_footprint``, never saved.
+
+Optional non-persistent buffer: ``weight_cache`` (float ``(out_features, in_features)``).
 """
 
 from __future__ import annotations
@@ -31,17 +48,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..core.packing import packed_row_bytes
 from ..core.quantize import QuantizedWeight, decode_symbols, dequantize_weight, quantize_weight
 from ..core.spec import QuantSpec
 
-__all__ = ["SplitQuantLinear"]
+__all__ = ["FUSED_MAX_TOKENS", "SplitQuantLinear", "disable_weight_cache", "enable_weight_cache"]
 
 SOURCES = ("linear", "conv1d")
+FUSED_MAX_TOKENS = 1
+"""Default ``SplitQuantLinear.fused_max_tokens``: the fused kernel serves single-token (decode) calls."""
+_CACHE = "weight_cache"
 
 
 class SplitQuantLinear(nn.Module):
     """Linear layer whose weight is split into clusters and quantized per cluster (one matmul)."""
+
+    fused_max_tokens: int = FUSED_MAX_TOKENS
+    """Calls with at most this many fp32 tokens use the fused kernel (when compiled kernels are available)."""
 
     def __init__(
         self,
@@ -128,6 +152,7 @@ class SplitQuantLinear(nn.Module):
         if self.source == "conv1d":
             w = w.t()
         q = quantize_weight(w, self.spec, ids=ids)
+        self.clear_weight_cache_()
         device = weight.device
         self.weight_packed = q.packed.to(device)
         self.weight_scale = q.scale.to(device)
@@ -159,16 +184,76 @@ class SplitQuantLinear(nn.Module):
         return QuantizedWeight(self.weight_packed, self.weight_scale, self.weight_offset, self.in_features)
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The ``(out_features, in_features)`` float weight this layer computes with."""
-        return dequantize_weight(
-            self.weight_packed, self.weight_scale, self.weight_offset, self.in_features, self.spec, dtype
-        )
+        """The ``(out_features, in_features)`` float weight this layer computes with (a new tensor)."""
+        cache = self._buffers.get(_CACHE)
+        if cache is not None:
+            return cache.to(dtype, copy=True)
+        return self._dequantize_packed(dtype)
+
+    def _dequantize_packed(self, dtype: torch.dtype) -> torch.Tensor:
+        packed = self.weight_packed
+        if packed.device.type == "cpu" and kernels.available():
+            w = kernels.dequantize(packed, self.weight_scale, self.weight_offset, self.in_features, self.spec)
+            return w if dtype == torch.float32 else w.to(dtype)
+        return dequantize_weight(packed, self.weight_scale, self.weight_offset, self.in_features, self.spec, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_quantized:
             raise RuntimeError("SplitQuantLinear was never given its weight: call quantize_() or load a checkpoint")
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantize_weight(x.dtype), bias)
+        cache = self._buffers.get(_CACHE)
+        if cache is not None:
+            return F.linear(x, cache if cache.dtype == x.dtype else cache.to(x.dtype), bias)
+        if self._fused_applies(x):
+            y = kernels.linear(
+                x.reshape(-1, self.in_features),
+                self.weight_packed,
+                self.weight_scale,
+                self.weight_offset,
+                bias,
+                self.in_features,
+                self.spec,
+            )
+            return y.reshape(*x.shape[:-1], self.out_features)
+        return F.linear(x, self._dequantize_packed(x.dtype), bias)
+
+    def _fused_applies(self, x: torch.Tensor) -> bool:
+        return (
+            x.dtype == torch.float32
+            and x.device.type == "cpu"
+            and self.weight_packed.device.type == "cpu"
+            and x.numel() <= self.fused_max_tokens * self.in_features
+            and x.numel() > 0
+            and not (x.requires_grad and torch.is_grad_enabled())
+            and kernels.available()
+        )
+
+    def cache_weight_(self, dtype: torch.dtype | None = None) -> int:
+        """Opt-in speed: keep the dequantized weight in memory; returns the bytes it costs.
+
+        The cache is a non-persistent buffer (never saved, counted by ``get_memory_footprint``,
+        cast by ``model.to(dtype)``); ``dtype`` defaults to the bias dtype or fp32.
+        """
+        if not self.is_quantized:
+            raise RuntimeError("cannot cache the weight of a layer that was never quantized")
+        if dtype is None:
+            dtype = self.bias.dtype if self.bias is not None else torch.float32
+        self.clear_weight_cache_()
+        w = self._dequantize_packed(dtype)
+        self.register_buffer(_CACHE, w, persistent=False)
+        return w.numel() * w.element_size()
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        # ``model.to(dtype)`` also casts the scales; rebuild the cache so it stays the dequantized weight.
+        result = super()._apply(fn, recurse)
+        cache = self._buffers.get(_CACHE)
+        if cache is not None:
+            self._buffers[_CACHE] = self._dequantize_packed(cache.dtype).to(cache.device)
+        return result
+
+    def clear_weight_cache_(self) -> None:
+        """Drop the dequantized weight kept by :meth:`cache_weight_` (no-op without one)."""
+        self._buffers.pop(_CACHE, None)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """A plain ``nn.Linear`` holding the dequantized weight (and the float bias)."""
@@ -206,3 +291,19 @@ class SplitQuantLinear(nn.Module):
             f"bits={s.bits}, num_clusters={s.num_clusters}, group={group}, clustering={s.clustering}, "
             f"source={self.source}"
         )
+
+
+def enable_weight_cache(model: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Cache the dequantized weight of every :class:`SplitQuantLinear` in ``model``; returns the bytes added.
+
+    Trades memory for speed: the cached layers run a plain float ``F.linear`` (no dequantization)
+    and hold ``out * in`` floats each again, as much as the float model's linear weights.
+    """
+    return sum(m.cache_weight_(dtype) for m in model.modules() if isinstance(m, SplitQuantLinear) and m.is_quantized)
+
+
+def disable_weight_cache(model: nn.Module) -> None:
+    """Drop every cache added by :func:`enable_weight_cache`."""
+    for m in model.modules():
+        if isinstance(m, SplitQuantLinear):
+            m.clear_weight_cache_()

@@ -250,3 +250,156 @@ def test_extra_repr_mentions_settings() -> None:
     text = repr(SplitQuantLinear(64, 48, spec=QuantSpec(3, 4, 16, "channel")))
     for part in ("in_features=64", "out_features=48", "bits=3", "num_clusters=4", "group=16", "clustering=channel"):
         assert part in text
+
+
+# --- Fast paths (compiled kernels, weight cache, torch.compile) against the plain pure-torch path ---
+
+FAST_SPECS = [
+    QuantSpec(2, 3),
+    QuantSpec(2, 1, 16),
+    QuantSpec(3, 4, 32, "channel", torch.bfloat16),
+    QuantSpec(4, 3, 16, "tensor", torch.float32),
+    QuantSpec(8, 1),
+]
+
+
+def plain_output(q: SplitQuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """The plain path: pure-torch dequantization, then one F.linear in the input's dtype."""
+    from optimum_splitquant.core import dequantize_weight
+
+    w = dequantize_weight(q.weight_packed, q.weight_scale, q.weight_offset, q.in_features, q.spec, x.dtype)
+    return F.linear(x, w, None if q.bias is None else q.bias.to(x.dtype))
+
+
+def kernels_active() -> bool:
+    from optimum_splitquant import kernels
+
+    return kernels.available()
+
+
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 96), (96,), (2, 5, 96), (3, 96), (40, 96)], ids=["b1-t1", "vector", "b2-t5", "t3", "t40"]
+)
+@pytest.mark.parametrize("fused_max", [1, 32], ids=["fused-default", "fused-32"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("spec", FAST_SPECS, ids=spec_id)
+def test_forward_fast_path_matches_plain_path(
+    spec: QuantSpec, bias: bool, fused_max: int, shape: tuple[int, ...]
+) -> None:
+    """Calls with few fp32 tokens run the fused kernel (fp32 summation order only); others are bit-identical."""
+    q = SplitQuantLinear.from_float(make_linear(96, 37, bias=bias), spec)
+    q.fused_max_tokens = fused_max
+    x = make_input(*shape)
+    with torch.no_grad():
+        out, ref = q(x), plain_output(q, x)
+    assert out.shape == (*shape[:-1], 37)
+    tokens = x.numel() // 96
+    if tokens > fused_max or not kernels_active():
+        assert torch.equal(out, ref)
+    else:
+        w = q.dequantize_weight()
+        bound = 1e-5 * (x.abs() @ w.abs().t() + (q.bias.abs() if bias else 0)) + 1e-30
+        assert bool(((out - ref).abs() <= bound).all()), float((out - ref).abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("spec", FAST_SPECS, ids=spec_id)
+def test_half_input_is_bit_identical_to_plain_path(spec: QuantSpec, dtype: torch.dtype) -> None:
+    q = SplitQuantLinear.from_float(make_linear(96, 37), spec)
+    for shape in [(1, 96), (2, 7, 96)]:
+        x = make_input(*shape, dtype=dtype)
+        with torch.no_grad():
+            out = q(x)
+        assert out.dtype == dtype
+        assert torch.equal(out, plain_output(q, x))
+
+
+@pytest.mark.parametrize("spec", FAST_SPECS, ids=spec_id)
+def test_dequantize_weight_is_bit_identical_to_core(spec: QuantSpec) -> None:
+    from optimum_splitquant.core import dequantize_weight
+
+    q = SplitQuantLinear.from_float(make_linear(96, 37), spec)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        expected = dequantize_weight(q.weight_packed, q.weight_scale, q.weight_offset, 96, spec, dtype)
+        assert torch.equal(q.dequantize_weight(dtype), expected)
+
+
+def test_input_requiring_grad_takes_the_differentiable_path() -> None:
+    q = SplitQuantLinear.from_float(make_linear(), QuantSpec(2, 3))
+    x = make_input(2, 64).requires_grad_()
+    out = q(x)
+    assert torch.equal(out, plain_output(q, x.detach()))  # not the fused kernel
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, q.dequantize_weight().sum(0).expand(2, 64))
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_weight_cache_is_opt_in_and_exact(bias: bool) -> None:
+    from optimum_splitquant.nn import linear as linear_mod
+
+    q = SplitQuantLinear.from_float(make_linear(bias=bias), QuantSpec(2, 3, 16))
+    assert "weight_cache" not in dict(q.named_buffers())  # no hidden float copy by default
+    keys = set(q.state_dict())
+    x1, x40 = make_input(1, 64), make_input(40, 64)
+    with torch.no_grad():
+        before = {1: q(x1), 40: q(x40)}
+    added = q.cache_weight_()
+    assert added == 64 * 48 * 4
+    cache = dict(q.named_buffers())["weight_cache"]
+    assert torch.equal(cache, q.dequantize_weight())
+    assert set(q.state_dict()) == keys  # never saved
+    with torch.no_grad():
+        assert torch.equal(q(x1), plain_output(q, x1))
+        assert torch.equal(q(x40), before[40])
+    # dequantize_weight stays a copy: writing into it leaves the cache alone.
+    q.dequantize_weight().zero_()
+    assert torch.equal(dict(q.named_buffers())["weight_cache"], cache)
+    # model.to(bf16) casts the cache; the cast cache equals the plain bf16 weight.
+    model = nn.Sequential(q)
+    assert linear_mod.disable_weight_cache(model) is None
+    assert "weight_cache" not in dict(q.named_buffers())
+    assert linear_mod.enable_weight_cache(model) == added
+    model.to(torch.bfloat16)
+    xb = make_input(3, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(q(xb), plain_output(q, xb))
+    q.quantize_(make_linear(seed=5).weight.detach().to(torch.bfloat16))
+    assert "weight_cache" not in dict(q.named_buffers())  # new codes invalidate the cache
+
+
+def test_weight_cache_counts_in_memory_footprint() -> None:
+    from transformers import BertConfig, BertModel
+
+    from optimum_splitquant import SplitQuantConfig, quantize_model
+    from optimum_splitquant.nn.linear import disable_weight_cache, enable_weight_cache
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    model = quantize_model(BertModel(cfg).eval(), SplitQuantConfig(bits=2))
+    layers = [m for m in model.modules() if isinstance(m, SplitQuantLinear)]
+    packed = sum(m.storage_bits() // 8 for m in layers)
+    base = model.get_memory_footprint()
+    assert packed > 0 and base >= packed
+    added = enable_weight_cache(model)
+    assert added == sum(m.in_features * m.out_features * 4 for m in layers)
+    assert model.get_memory_footprint() == base + added
+    disable_weight_cache(model)
+    assert model.get_memory_footprint() == base
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit notices raised while inductor imports
+def test_torch_compile_gives_the_same_outputs() -> None:
+    """fullgraph=True: the kernels' ops trace as opaque calls with fake shapes, the fallback traces as torch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        SplitQuantLinear.from_float(make_linear(64, 48), QuantSpec(2, 3)),
+        nn.ReLU(),
+        SplitQuantLinear.from_float(make_linear(48, 40, seed=2), QuantSpec(4, 3, 16)),
+    ).eval()
+    compiled = torch.compile(model, fullgraph=True)
+    for shape in [(1, 64), (40, 64)]:  # the fused kernel, then dequantize + GEMM
+        x = make_input(*shape)
+        with torch.no_grad():
+            expected, out = model(x), compiled(x)
+        # Inductor may fuse bias and activation into its own loops: fp32 rounding differences only.
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))

@@ -1,0 +1,1 @@
+"""Benchmarks of optimum-splitquant (run from the repository root; see benchmarks/README.md)."""

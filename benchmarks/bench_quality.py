@@ -1,0 +1,227 @@
+"""Quality, size and speed of SplitQuant against plain min-max and optimum-quanto on real models and data.
+
+Tasks (all offline): all-MiniLM-L6-v2 embedding cosine to FP32 on real SMS texts; the demo's MiniLM
+SMS spam classifier accuracy (built and cached on first use); BBC News 5-topic accuracy of a
+probe trained on FP32 features; SmolLM2-135M perplexity on held-out BBC News text (converted
+once from the shipped GGUF; ``--no-smollm`` skips it). Methods: see :mod:`benchmarks.methods`.
+Writes ``quality.json``, ``quality.md`` and ``quality.png`` to ``--out``::
+
+    python benchmarks/bench_quality.py --out benchmarks/results        # full run (about 30 min on 2 cores)
+    python benchmarks/bench_quality.py --quick --out /tmp/bench        # tiny inputs, few methods
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+import transformers
+from torch import nn
+
+from benchmarks.methods import Applied, Method, all_methods, apply_method, quick_methods, safetensors_bytes
+from benchmarks.output import machine_info, write_all
+from benchmarks.tasks import BbcProbe, EmbeddingCosine, Perplexity, SmsAccuracy, Task
+from optimum_splitquant import data
+
+__all__ = ["build_tasks", "main", "run_task", "time_forward"]
+
+logger = logging.getLogger("benchmarks.quality")
+
+TASK_NAMES = ("minilm", "sms", "bbc", "smollm")
+
+
+@torch.no_grad()
+def time_forward(
+    fp32: nn.Module, model: nn.Module, inputs: dict[str, torch.Tensor], repeats: int
+) -> tuple[float, float]:
+    """Min-of-``repeats`` seconds of one forward of ``fp32`` and of ``model`` on ``inputs``, interleaved."""
+    fp32(**inputs)
+    model(**inputs)
+    a, b = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fp32(**inputs)
+        a.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        model(**inputs)
+        b.append(time.perf_counter() - start)
+    return min(a), min(b)
+
+
+def run_task(task: Task, methods: list[Method], workdir: Path, repeats: int, *, collect: bool = True) -> dict[str, Any]:
+    """Score every method on ``task``; a failing method is recorded with its error, the others still run.
+
+    ``collect`` runs the garbage collector after each method (frees big models early; ~0.3 s a call).
+    """
+    logger.info("task %s: %s", task.name, task.data_desc)
+    fp32 = task.load()
+    task.prepare(fp32)
+    inputs = task.inputs()
+    rows = []
+    for method in methods:
+        row: dict[str, Any] = {
+            "method": method.name,
+            "family": method.family,
+            "kind": method.kind,
+            "bits": method.bits,
+            "num_clusters": method.num_clusters,
+        }
+        applied = None
+        try:
+            if method.kind == "fp32":  # the reference itself: ratio 1 by definition
+                applied = Applied(fp32, 32.0, 0.0, safetensors_bytes(fp32, workdir, method.slug), "safetensors")
+            else:
+                applied = apply_method(method, task.load, workdir)
+            start = time.perf_counter()
+            row["value"] = task.score(applied.model)
+            row["score_s"] = round(time.perf_counter() - start, 2)
+            if method.kind == "fp32":
+                fp32_s = model_s = time_forward(fp32, fp32, inputs, repeats)[0]
+            else:
+                fp32_s, model_s = time_forward(fp32, applied.model, inputs, repeats)
+            row.update(
+                effective_bits=applied.effective_bits,
+                size_bytes=applied.size_bytes,
+                size_kind=applied.size_kind,
+                quantize_s=round(applied.quantize_s, 2),
+                fp32_forward_ms=round(1000 * fp32_s, 2),
+                forward_ms=round(1000 * model_s, 2),
+                forward_ratio=model_s / fp32_s,
+            )
+            logger.info(
+                "  %-24s %s=%.4f  bits=%.3f  quantize %.1f s  forward x%.2f",
+                method.name,
+                task.metric,
+                row["value"],
+                applied.effective_bits,
+                applied.quantize_s,
+                row["forward_ratio"],
+            )
+        except Exception as exc:  # one broken method must not lose a half-hour run
+            logger.exception("  %s failed", method.name)
+            row["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+        finally:
+            del applied
+            if collect:
+                gc.collect()
+        rows.append(row)
+    del fp32
+    gc.collect()
+    return {**task.describe(), "rows": rows}
+
+
+def build_tasks(args: argparse.Namespace) -> list[Task]:
+    """The tasks selected by ``args`` (paths default to the shipped / cached real models)."""
+    wanted = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = sorted(set(wanted) - set(TASK_NAMES))
+    if unknown:
+        raise SystemExit(f"unknown task(s) {unknown}; choose from {TASK_NAMES}")
+    minilm = Path(args.minilm) if args.minilm else data.minilm_path()
+    quick = args.quick
+    tasks: list[Task] = []
+    for name in wanted:
+        if name == "minilm":
+            tasks.append(EmbeddingCosine(minilm, n_texts=16 if quick else 512))
+        elif name == "sms":
+            if args.classifier:
+                classifier = Path(args.classifier)
+            else:
+                from optimum_splitquant.demo import ensure_classifier
+
+                classifier = ensure_classifier()[0]
+            tasks.append(SmsAccuracy(classifier, limit=32 if quick else None))
+        elif name == "bbc":
+            tasks.append(BbcProbe(minilm, n_train=25 if quick else 1000, n_test=10 if quick else 445))
+        elif name == "smollm" and not args.no_smollm:
+            path = Path(args.smollm) if args.smollm else data.smollm_path()
+            tasks.append(Perplexity(path, n_tokens=128 if quick else 4096, window=64 if quick else 512))
+    return tasks
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="benchmarks/results", help="output folder (default: benchmarks/results)")
+    p.add_argument("--name", default="quality", help="output file stem (default: quality)")
+    p.add_argument("--quick", action="store_true", help="tiny inputs and one method per kind (for tests)")
+    p.add_argument("--tasks", default=",".join(TASK_NAMES), help=f"comma-separated subset of {TASK_NAMES}")
+    p.add_argument("--no-smollm", action="store_true", help="skip the SmolLM2 perplexity task")
+    p.add_argument("--minilm", help="MiniLM folder (default: the shipped all-MiniLM-L6-v2)")
+    p.add_argument("--classifier", help="SMS classifier folder (default: the demo's cached one)")
+    p.add_argument("--smollm", help="causal LM folder (default: SmolLM2-135M converted from the shipped GGUF)")
+    p.add_argument("--methods", help="comma-separated method names (default: all; quick: one per kind)")
+    p.add_argument("--repeats", type=int, help="timing repeats (default 5, quick 1)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    hf_logging = transformers.utils.logging
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        return _run(args, argv)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    machine = machine_info()
+    methods = quick_methods() if args.quick else all_methods()
+    if args.methods:
+        by_name = {m.name: m for m in all_methods()}
+        names = [n.strip() for n in args.methods.split(",") if n.strip()]
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise SystemExit(f"unknown method(s) {missing}; choose from {list(by_name)}")
+        methods = [by_name[n] for n in names]
+    repeats = args.repeats or (1 if args.quick else 5)
+    command = "python benchmarks/bench_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    result: dict[str, Any] = {
+        "machine": machine,
+        "command": command.strip(),
+        "quick": args.quick,
+        "timing_repeats": repeats,
+        "wall_s": 0.0,
+        "tasks": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="splitquant-bench-") as tmp:
+        for task in build_tasks(args):
+            result["tasks"].append(run_task(task, methods, Path(tmp), repeats, collect=not args.quick))
+            result["wall_s"] = round(time.perf_counter() - started, 1)
+            paths = write_all(result, Path(args.out), args.name)  # after every task: a long run keeps what it did
+            logger.info(
+                "wrote %s (%d task(s), %.0f s)",
+                ", ".join(str(p) for p in paths),
+                len(result["tasks"]),
+                result["wall_s"],
+            )
+    return 1 if any(r.get("error") for t in result["tasks"] for r in t["rows"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Streaming quantization at scale: peak memory while quantizing a >= 1 B-parameter checkpoint at load.
+
+Builds once (cached under ``~/.cache/optimum-splitquant/llama-1b-random``) a random
+TinyLlama-shaped checkpoint (1.1 B parameters, bf16, several safetensors shards), then measures in
+separate child processes, side by side:
+
+* ``float``: plain ``from_pretrained`` (bf16) — the baseline;
+* ``quant``: ``from_pretrained(..., quantization_config=SplitQuantConfig(bits=2))``;
+* ``offload``: the saved SplitQuant model reloaded with ``device_map="auto"`` and a ``max_memory``
+  that forces part of it to disk; its logits must equal the in-memory quantized model's.
+
+Each child reports peak resident memory (``ru_maxrss``) above its pre-load baseline.
+
+    python benchmarks/bench_scale.py [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "optimum-splitquant" / "llama-1b-random"
+SHAPE = dict(
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+)
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build(path: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if (path / "config.json").is_file():
+        return
+    tmp = Path(tempfile.mkdtemp(dir=path.parent if path.parent.exists() else None))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPE), dtype=torch.bfloat16)
+    model.save_pretrained(tmp, max_shard_size="400MB")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, path)
+
+
+def child(mode: str, src: str, qdir: str, offload_dir: str) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import optimum_splitquant as osq
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, SHAPE["vocab_size"], (1, 16))
+    base = _rss_mib()
+    t = time.perf_counter()
+    if mode == "float":
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    elif mode == "quant":
+        model = AutoModelForCausalLM.from_pretrained(src, quantization_config=osq.SplitQuantConfig(bits=2))
+    else:
+        budget = int(os.environ.get("SCALE_CPU_BUDGET_MB", "300"))
+        model = AutoModelForCausalLM.from_pretrained(
+            qdir, device_map="auto", max_memory={"cpu": f"{budget}MB"}, offload_folder=offload_dir
+        )
+    load_s = time.perf_counter() - t
+    out = {"mode": mode, "load_s": load_s, "base_mib": base, "peak_mib": _peak_mib(), "after_mib": _rss_mib()}
+    out["peak_above_base_mib"] = out["peak_mib"] - base
+    out["resident_above_base_mib"] = out["after_mib"] - base
+    out["footprint_mib"] = model.get_memory_footprint() / 2**20
+    if mode != "float":
+        rep = osq.size_report(model)
+        out.update(quantized_weights=rep.quantized_weights, effective_bits=rep.effective_bits)
+        out["weights_per_s_M"] = rep.quantized_weights / load_s / 1e6 if mode == "quant" else None
+    if mode == "offload":
+        out["device_map_values"] = sorted(set(map(str, getattr(model, "hf_device_map", {}).values())))
+    with torch.no_grad():
+        logits = model.eval()(ids).logits.float()
+    from safetensors.torch import save_file
+
+    save_file({"logits": logits.contiguous()}, str(Path(offload_dir).parent / f"logits-{mode}.safetensors"))
+    if mode == "quant":
+        model.save_pretrained(qdir)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--child", nargs=4, metavar=("MODE", "SRC", "QDIR", "OFFLOAD"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(*args.child)))
+        return
+    import torch
+    import transformers
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    t = time.perf_counter()
+    build(CACHE)
+    build_s = time.perf_counter() - t
+    shards = sorted(CACHE.glob("*.safetensors"))
+    largest = 0
+    n_params = 0
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118  (a safe_open handle is not iterable)
+                shape = f.get_slice(key).get_shape()
+                numel = 1
+                for d in shape:
+                    numel *= d
+                n_params += numel
+                largest = max(largest, numel)
+    work = Path(tempfile.mkdtemp())
+    qdir, offload = work / "q", work / "offload"
+    offload.mkdir()
+    results = {}
+    for mode in ("float", "quant", "offload"):
+        cmd = [sys.executable, __file__, "--child", mode, str(CACHE), str(qdir), str(offload)]
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+        )
+        results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    q_bytes = sum(p.stat().st_size for p in qdir.glob("*.safetensors"))
+    same = torch.equal(
+        load_file(str(work / "logits-quant.safetensors"))["logits"],
+        load_file(str(work / "logits-offload.safetensors"))["logits"],
+    )
+    summary = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "params": n_params,
+        "shards": len(shards),
+        "build_s_if_not_cached": build_s,
+        "largest_tensor_bf16_mib": largest * 2 / 2**20,
+        "largest_tensor_fp32_mib": largest * 4 / 2**20,
+        "quantized_checkpoint_mib": q_bytes / 2**20,
+        "float": results["float"],
+        "quant": results["quant"],
+        "offload": results["offload"],
+        "offload_logits_equal_in_memory": same,
+        "peak_ratio_quant_vs_float": results["quant"]["peak_above_base_mib"] / results["float"]["peak_above_base_mib"],
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scale.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Optional compiled CPU kernels for SplitQuant layers, with the pure-torch path as fallback.
+
+Two torch ops, built from ``splitquant_cpu.cpp`` at first use (see :mod:`._build`):
+
+* ``torch.ops.optimum_splitquant.dequantize``: packed rows -> fp32 weight, bit-identical to
+  :func:`optimum_splitquant.core.dequantize_weight`; used before a GEMM for large batches.
+* ``torch.ops.optimum_splitquant.linear``: ``x @ W.T + b`` for fp32 ``x`` of a few tokens, reading
+  the packed bytes directly (per 16 weights: unpack, one table lookup per lane, one FMA per
+  token); the same weights as the plain path, summed in another order (fp32, relative error
+  ~1e-6).
+
+``OPTIMUM_SPLITQUANT_KERNELS`` selects the behaviour: ``auto`` (default: build or load the cached
+library; on failure log a warning once and use pure torch), ``off`` (``0``/``false``/``torch``:
+pure torch only, nothing is compiled) or ``require`` (``1``/``on``: raise if the kernels cannot
+be built). Both ops have fake (meta) implementations, so ``torch.compile`` traces through them.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from ..core.spec import QuantSpec
+from ._build import CACHE_ENV, KernelBuildError, build_library, cache_dir
+
+__all__ = [
+    "CACHE_ENV",
+    "ENV_VAR",
+    "ISA_NAMES",
+    "KernelStatus",
+    "available",
+    "cache_dir",
+    "dequantize",
+    "linear",
+    "mode",
+    "status",
+]
+
+logger = logging.getLogger(__name__)
+
+ENV_VAR = "OPTIMUM_SPLITQUANT_KERNELS"
+ISA_NAMES = ("scalar", "avx2", "avx512")
+_OFF = ("0", "off", "false", "no", "torch")
+_REQUIRE = ("1", "on", "true", "yes", "require")
+_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class KernelStatus:
+    """Whether the compiled kernels are in use, and why not when they are not.
+
+    Attributes:
+        mode: ``"auto"``, ``"off"`` or ``"require"`` (from ``OPTIMUM_SPLITQUANT_KERNELS``).
+        loaded: the library is built and its ops are registered.
+        isa: best instruction set the kernels use on this CPU (``"avx512"``, ``"avx2"``, ``"scalar"``).
+        path: the compiled library, if any.
+        reason: why the kernels are not used (empty when they are).
+    """
+
+    mode: str
+    loaded: bool
+    isa: str = ""
+    path: str = ""
+    reason: str = ""
+
+    @property
+    def active(self) -> bool:
+        """The forward pass uses the kernels."""
+        return self.loaded and self.mode != "off"
+
+
+def mode() -> str:
+    """The mode requested by ``OPTIMUM_SPLITQUANT_KERNELS`` (read on every call)."""
+    value = os.environ.get(ENV_VAR, "auto").strip().lower()
+    if value in _OFF:
+        return "off"
+    if value in _REQUIRE:
+        return "require"
+    return "auto"
+
+
+@functools.cache
+def _load() -> KernelStatus:
+    """Build (or find) and load the library once per process; never raises."""
+    with _LOCK:
+        try:
+            path = build_library()
+            torch.ops.load_library(str(path))
+            _register_fakes()
+            isa = ISA_NAMES[int(torch.ops.optimum_splitquant.best_isa())]
+        except (KernelBuildError, OSError, RuntimeError) as exc:
+            logger.warning(
+                "SplitQuant: compiled CPU kernels unavailable, using the pure-torch path (slower decoding): %s", exc
+            )
+            return KernelStatus(mode="auto", loaded=False, reason=str(exc))
+        logger.info("SplitQuant: CPU kernels loaded (%s) from %s", isa, path)
+        return KernelStatus(mode="auto", loaded=True, isa=isa, path=str(path))
+
+
+def status(load: bool = True) -> KernelStatus:
+    """The kernels' state; ``load=False`` reports without building anything."""
+    m = mode()
+    if m == "off":
+        return KernelStatus(mode=m, loaded=False, reason=f"disabled by {ENV_VAR}")
+    if not load and _load.cache_info().currsize == 0:
+        return KernelStatus(mode=m, loaded=False, reason="not loaded yet")
+    st = _load()
+    if m == "require" and not st.loaded:
+        raise RuntimeError(f"{ENV_VAR}=require but the SplitQuant CPU kernels cannot be built: {st.reason}")
+    return KernelStatus(mode=m, loaded=st.loaded, isa=st.isa, path=st.path, reason=st.reason)
+
+
+@torch.compiler.assume_constant_result
+def available() -> bool:
+    """True when the compiled kernels are enabled and loaded (builds them on first call).
+
+    Under ``torch.compile`` it is evaluated once while tracing (a constant of the compiled graph).
+    """
+    return status().active
+
+
+def dequantize(
+    packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, in_features: int, spec: QuantSpec, isa: int = -1
+) -> torch.Tensor:
+    """fp32 ``(out, in_features)`` weight, bit-identical to ``core.dequantize_weight``; needs :func:`available`.
+
+    ``isa`` caps the instruction set (0 scalar, 1 AVX2, 2 AVX-512; -1 = best), for tests.
+    """
+    _require_loaded()
+    return torch.ops.optimum_splitquant.dequantize(
+        packed, scale, offset, in_features, spec.bits, spec.symbol_width, isa
+    )
+
+
+def linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_features: int,
+    spec: QuantSpec,
+    isa: int = -1,
+) -> torch.Tensor:
+    """``x @ W.T + bias`` for fp32 ``x`` of shape ``(tokens, in_features)``, straight from the packed rows."""
+    _require_loaded()
+    return torch.ops.optimum_splitquant.linear(
+        x, packed, scale, offset, bias, in_features, spec.bits, spec.symbol_width, isa
+    )
+
+
+def _require_loaded() -> None:
+    if torch.compiler.is_compiling():
+        return  # the caller checked available() (a traced constant); loading is not traceable
+    st = _load()
+    if not st.loaded:
+        raise RuntimeError(f"the SplitQuant CPU kernels are not available: {st.reason}")
+
+
+@functools.cache
+def _register_fakes() -> None:
+    """Shape-only implementations so ``torch.compile`` (and meta tensors) can trace the ops."""
+
+    @torch.library.register_fake("optimum_splitquant::dequantize")
+    def _dequantize_fake(packed, scale, offset, in_features, bits, width, isa=-1):  # type: ignore[no-untyped-def]
+        return packed.new_empty((packed.shape[0], in_features), dtype=torch.float32)
+
+    @torch.library.register_fake("optimum_splitquant::linear")
+    def _linear_fake(x, packed, scale, offset, bias, in_features, bits, width, isa=-1):  # type: ignore[no-untyped-def]
+        return x.new_empty((x.shape[0], packed.shape[0]))

@@ -1,0 +1,1 @@
+"""Benchmark code paths on tiny inputs."""
