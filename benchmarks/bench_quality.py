@@ -32,7 +32,15 @@ import torch
 import transformers
 from torch import nn
 
-from benchmarks.methods import Applied, Method, all_methods, apply_method, quick_methods, safetensors_bytes
+from benchmarks.methods import (
+    Applied,
+    Method,
+    all_methods,
+    apply_method,
+    extra_methods,
+    quick_methods,
+    safetensors_bytes,
+)
 from benchmarks.output import machine_info, write_all
 from benchmarks.tasks import BbcProbe, EmbeddingCosine, Perplexity, SmsAccuracy, Task
 from optimum_splitquant import data
@@ -79,6 +87,7 @@ def run_task(task: Task, methods: list[Method], workdir: Path, repeats: int, *, 
             "kind": method.kind,
             "bits": method.bits,
             "num_clusters": method.num_clusters,
+            "group_size": method.group_size,
         }
         applied = None
         try:
@@ -162,7 +171,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--minilm", help="MiniLM folder (default: the shipped all-MiniLM-L6-v2)")
     p.add_argument("--classifier", help="SMS classifier folder (default: the demo's cached one)")
     p.add_argument("--smollm", help="causal LM folder (default: SmolLM2-135M converted from the shipped GGUF)")
-    p.add_argument("--methods", help="comma-separated method names (default: all; quick: one per kind)")
+    p.add_argument(
+        "--methods", help="comma-separated method names (default: all; quick: one per kind; also the g128 extras)"
+    )
     p.add_argument("--repeats", type=int, help="timing repeats (default 5, quick 1)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -193,7 +204,7 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     machine = machine_info()
     methods = quick_methods() if args.quick else all_methods()
     if args.methods:
-        by_name = {m.name: m for m in all_methods()}
+        by_name = {m.name: m for m in all_methods() + extra_methods()}
         names = [n.strip() for n in args.methods.split(",") if n.strip()]
         missing = [n for n in names if n not in by_name]
         if missing:

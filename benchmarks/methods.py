@@ -21,7 +21,7 @@ from torch import nn
 from optimum_splitquant import SplitQuantConfig, quantize_model, size_report
 from optimum_splitquant.replace import eligible_layers, resolve_modules_to_not_convert
 
-__all__ = ["Applied", "Method", "all_methods", "apply_method", "quick_methods", "safetensors_bytes"]
+__all__ = ["Applied", "Method", "all_methods", "apply_method", "extra_methods", "quick_methods", "safetensors_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ class Method:
     kind: str  # "fp32" | "splitquant" | "quanto" | "split+quanto"
     bits: int | None = None
     num_clusters: int = 3
+    group_size: int | None = None
 
     @property
     def slug(self) -> str:
@@ -50,6 +51,13 @@ def all_methods() -> list[Method]:
     methods += [Method(f"SplitQuant INT{b} (k=3)", "SplitQuant (k=3)", "splitquant", b, 3) for b in (2, 3, 4, 8)]
     methods.append(Method("SplitQuant INT2 (k=4)", "SplitQuant (k=4)", "splitquant", 2, 4))
     return methods
+
+
+def extra_methods() -> list[Method]:
+    """Opt-in (``--methods``): SplitQuant and plain min-max with groups of 128 columns, quanto's granularity."""
+    return [
+        Method(f"plain INT{b} g128 (k=1)", "plain min-max g128 (k=1)", "splitquant", b, 1, 128) for b in (2, 3, 4)
+    ] + [Method(f"SplitQuant INT{b} g128 (k=3)", "SplitQuant g128 (k=3)", "splitquant", b, 3, 128) for b in (2, 3)]
 
 
 def quick_methods() -> list[Method]:
@@ -116,7 +124,8 @@ def apply_method(method: Method, load: Callable[[], nn.Module], workdir: Path) -
     weights = sum(m.weight.numel() for n, m in eligible_layers(model).items() if n not in set(kept))
     start = time.perf_counter()
     if method.kind == "splitquant":
-        quantize_model(model, SplitQuantConfig(bits=method.bits, num_clusters=method.num_clusters))
+        config = SplitQuantConfig(bits=method.bits, num_clusters=method.num_clusters, group_size=method.group_size)
+        quantize_model(model, config)
         seconds = time.perf_counter() - start
         report = size_report(model)
         return Applied(

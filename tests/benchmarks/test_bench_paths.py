@@ -137,7 +137,10 @@ def test_method_list_covers_the_comparison():
     for bits in (2, 4, 8):
         assert f"quanto qint{bits}" in names and f"split + quanto qint{bits}" in names
     assert "SplitQuant INT2 (k=4)" in names
-    assert len({m.slug for m in methods.all_methods()}) == len(names)
+    extras = methods.extra_methods()
+    assert {m.group_size for m in extras} == {128} and {m.group_size for m in methods.all_methods()} == {None}
+    everything = methods.all_methods() + extras
+    assert len({m.slug for m in everything}) == len({m.name for m in everything}) == len(everything)
 
 
 def test_markdown_shows_a_failed_method():
