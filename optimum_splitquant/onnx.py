@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -90,18 +91,22 @@ def export_onnx(
     wrapper = _Exported(model, names, output).eval()
     path = Path(path)
     out_name = output_name or (output if isinstance(output, str) else "output")
-    torch.onnx.export(
-        wrapper,
-        args,
-        str(path),
-        input_names=names,
-        output_names=[out_name],
-        dynamic_shapes=None if dynamic_shapes is None else {"args": tuple(dynamic_shapes[n] for n in names)},
-        opset_version=opset_version,
-        dynamo=True,
-        external_data=external_data,
-        verbose=False,
-    )
+    with warnings.catch_warnings():
+        # Noise from the exporter itself: one shared Dim per axis is what we want, and a torch-internal deprecation.
+        warnings.filterwarnings("ignore", message=r"# The axis name", category=UserWarning)
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+        torch.onnx.export(
+            wrapper,
+            args,
+            str(path),
+            input_names=names,
+            output_names=[out_name],
+            dynamic_shapes=None if dynamic_shapes is None else {"args": tuple(dynamic_shapes[n] for n in names)},
+            opset_version=opset_version,
+            dynamo=True,
+            external_data=external_data,
+            verbose=False,
+        )
     model.eval()  # the exporter restores the wrapper's mode on its children: keep the model in eval
     logger.info("exported %s to %s", type(model).__name__, path)
     return path

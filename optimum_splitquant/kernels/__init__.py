@@ -119,9 +119,16 @@ def status(load: bool = True) -> KernelStatus:
 def available() -> bool:
     """True when the compiled kernels are enabled and loaded (builds them on first call).
 
-    Under ``torch.compile`` it is evaluated once while tracing (a constant of the compiled graph).
+    Cheap after the first call (it runs on every forward). Under ``torch.compile`` it is evaluated
+    once while tracing (a constant of the compiled graph).
     """
-    return status().active
+    value = os.environ.get(ENV_VAR)
+    if value is not None and value.strip().lower() in _OFF:
+        return False
+    loaded = _load().loaded
+    if not loaded and value is not None and value.strip().lower() in _REQUIRE:
+        status()  # raises with the reason
+    return loaded
 
 
 def dequantize(
@@ -132,7 +139,7 @@ def dequantize(
     ``isa`` caps the instruction set (0 scalar, 1 AVX2, 2 AVX-512; -1 = best), for tests.
     """
     _require_loaded()
-    return torch.ops.optimum_splitquant.dequantize(
+    return torch.ops.optimum_splitquant.dequantize.default(
         packed, scale, offset, in_features, spec.bits, spec.symbol_width, isa
     )
 
@@ -149,7 +156,7 @@ def linear(
 ) -> torch.Tensor:
     """``x @ W.T + bias`` for fp32 ``x`` of shape ``(tokens, in_features)``, straight from the packed rows."""
     _require_loaded()
-    return torch.ops.optimum_splitquant.linear(
+    return torch.ops.optimum_splitquant.linear.default(
         x, packed, scale, offset, bias, in_features, spec.bits, spec.symbol_width, isa
     )
 

@@ -37,7 +37,7 @@ Forward paths (all compute with the same dequantized weight):
 * opt-in :meth:`SplitQuantLinear.cache_weight_` (or :func:`enable_weight_cache` for a whole
   model): keeps the dequantized weight as a non-persistent buffer ``weight_cache`` and runs a plain
   ``F.linear`` on it. Costs ``out_features * in_features`` floats per layer (fp32: 4 bytes per
-  weight, 8 to 16x the packed size); counted by ``get_memory_footprint``, never saved.
+  weight, 5 to 16x the packed size); counted by ``get_memory_footprint``, never saved.
 
 Optional non-persistent buffer: ``weight_cache`` (float ``(out_features, in_features)``).
 """
@@ -198,13 +198,15 @@ class SplitQuantLinear(nn.Module):
         return dequantize_weight(packed, self.weight_scale, self.weight_offset, self.in_features, self.spec, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.is_quantized:
+        if "weight" in self._parameters:
             raise RuntimeError("SplitQuantLinear was never given its weight: call quantize_() or load a checkpoint")
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+        bias = self.bias
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
         cache = self._buffers.get(_CACHE)
         if cache is not None:
             return F.linear(x, cache if cache.dtype == x.dtype else cache.to(x.dtype), bias)
-        if self._fused_applies(x):
+        if x.dtype == torch.float32 and 0 < x.numel() <= self.fused_max_tokens * self.in_features and self._fused_ok(x):
             y = kernels.linear(
                 x.reshape(-1, self.in_features),
                 self.weight_packed,
@@ -214,16 +216,15 @@ class SplitQuantLinear(nn.Module):
                 self.in_features,
                 self.spec,
             )
-            return y.reshape(*x.shape[:-1], self.out_features)
+            return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self._dequantize_packed(x.dtype), bias)
 
-    def _fused_applies(self, x: torch.Tensor) -> bool:
+    def _fused_ok(self, x: torch.Tensor) -> bool:
+        """The fused kernel applies: CPU tensors, no gradient wanted, kernels loaded."""
         return (
-            x.dtype == torch.float32
+            not x.is_cuda
             and x.device.type == "cpu"
             and self.weight_packed.device.type == "cpu"
-            and x.numel() <= self.fused_max_tokens * self.in_features
-            and x.numel() > 0
             and not (x.requires_grad and torch.is_grad_enabled())
             and kernels.available()
         )

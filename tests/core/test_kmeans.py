@@ -212,3 +212,135 @@ def test_assign_clusters_broadcasts_one_boundary_row_and_k1() -> None:
     assert assign_clusters(values, torch.tensor([[-1.0], [-2.0]])).tolist() == [[1, 1], [1, 1]]
     ids = assign_clusters(values, torch.empty(1, 0))
     assert ids.dtype == torch.int64 and ids.tolist() == [[0, 0], [0, 0]]
+
+
+# ----------------------------------------------------------------------------------- exactness
+
+
+def optimal_inertia(values: torch.Tensor, k: int) -> float:
+    """The exact optimum by dynamic programming over the sorted values (an independent oracle).
+
+    ``best[j][i]``: least SSE of the first ``i`` sorted values in ``j`` intervals. The optimal last
+    cut is monotone in ``i`` (1-D k-means costs satisfy the quadrangle inequality), so each layer is
+    computed by divide and conquer: ``O(k n log n)`` interval costs from float64 prefix sums.
+    """
+    s = torch.sort(values.flatten().to(torch.float64)).values
+    n = s.numel()
+    mean = s.mean()
+    s = s - mean  # centred: smaller prefix sums, less cancellation in sum x^2 - S^2 / N
+    ps = torch.cat([torch.zeros(1, dtype=torch.float64), s.cumsum(0)])
+    pq = torch.cat([torch.zeros(1, dtype=torch.float64), (s * s).cumsum(0)])
+
+    def cost(m: torch.Tensor, i: int) -> torch.Tensor:  # SSE of sorted values [m, i), for many m
+        cnt = (i - m).to(torch.float64)
+        sm = ps[i] - ps[m]
+        return (pq[i] - pq[m]) - torch.where(cnt > 0, sm * sm / cnt.clamp(min=1), 0.0)
+
+    counts = torch.arange(n + 1, dtype=torch.float64)
+    prev = pq - torch.where(counts > 0, ps * ps / counts.clamp(min=1), 0.0)  # one interval [0, i)
+    for _ in range(1, k):
+        cur = torch.full((n + 1,), math.inf, dtype=torch.float64)
+        stack = [(0, n, 0, n)]
+        while stack:
+            lo, hi, olo, ohi = stack.pop()
+            if lo > hi:
+                continue
+            mid = (lo + hi) // 2
+            m = torch.arange(olo, min(mid, ohi) + 1)
+            vals = prev[m] + cost(m, mid)
+            arg = int(torch.argmin(vals))
+            cur[mid] = vals[arg]
+            best_m = int(m[arg])
+            stack.append((lo, mid - 1, olo, best_m))
+            stack.append((mid + 1, hi, best_m, ohi))
+        prev = cur
+    return float(prev[n])
+
+
+def exactness_rows() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(7)
+    rows = {
+        "gaussian": torch.randn(400, generator=gen),
+        "student-t heavy tails": torch.distributions.StudentT(2.0).sample((400,)),
+        "three well separated groups": torch.cat([torch.randn(150, generator=gen) * 0.1 + c for c in (-5.0, 0.0, 7.0)]),
+        "few distinct values": (torch.randn(300, generator=gen) * 2).round(),
+        # A shape where Lloyd from quantile starts stops at a local optimum: a dense bulk and
+        # two small, unequal, far groups on one side.
+        "lloyd trap": torch.cat(
+            [
+                torch.randn(300, generator=gen) * 0.05,
+                torch.full((12,), 3.0),
+                torch.full((3,), 9.0),
+                torch.tensor([30.0]),
+            ]
+        ),
+        "uniform": torch.rand(350, generator=gen),
+        "one outlier": torch.cat([torch.randn(300, generator=gen), torch.tensor([1e3])]),
+    }
+    return {name: r.to(torch.float32) for name, r in rows.items()}
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 6, 10, 16], ids=lambda k: f"k{k}")
+@pytest.mark.parametrize("name", list(exactness_rows()), ids=lambda s: s.replace(" ", "-"))
+def test_inertia_is_the_global_optimum_sorted_rows(name: str, k: int) -> None:
+    """Short rows (the sorted search): inertia equals the dynamic-programming optimum."""
+    x = exactness_rows()[name]
+    ours = float(kmeans_1d(x, k).inertia[0])
+    best = optimal_inertia(x, k)
+    assert ours == pytest.approx(best, rel=1e-9, abs=1e-12), f"{name}: {ours} vs optimum {best}"
+
+
+@pytest.mark.parametrize(("dist", "k"), [("gaussian", 3), ("student-t", 3), ("mixture", 3), ("student-t", 4)])
+def test_inertia_is_the_global_optimum_binned_rows(dist: str, k: int) -> None:
+    """Long float32 rows (the binned search, n >= 2**15): inertia equals the DP optimum."""
+    gen = torch.Generator().manual_seed(11)
+    n = 33_000  # just above the binned-path threshold (2**15)
+    if dist == "gaussian":
+        x = torch.randn(n, generator=gen) * 0.03
+    elif dist == "student-t":
+        torch.manual_seed(3)
+        x = torch.distributions.StudentT(3.0).sample((n,)) * 0.02
+    else:
+        x = torch.cat([torch.randn(n - 300, generator=gen) * 0.02, torch.randn(300, generator=gen) * 0.01 + 0.4])
+    x = x.to(torch.float32)
+    result = kmeans_1d(x, k)
+    ours = float(result.inertia[0])
+    direct = float(recomputed_inertia(x, result.centers, result.boundaries)[0])
+    best = optimal_inertia(x, k)
+    assert ours == pytest.approx(direct, rel=1e-9)
+    assert ours <= best * (1 + 1e-9), f"{dist}: {ours} vs optimum {best}"
+    assert ours >= best * (1 - 1e-9), "below the optimum: the oracle or the inertia is wrong"
+
+
+def binning_rows() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(5)
+    n = 1 << 15
+    return {
+        "heavy tails over many binades": torch.randn(n, generator=gen) ** 5,
+        "subnormals": torch.randn(n, generator=gen) * 1e-40,
+        "narrow range, one binade": 1 + torch.rand(n, generator=gen) * 1e-4,
+        "positive": torch.rand(n, generator=gen) + 3,
+        "signed zeros and values": torch.where(
+            torch.rand(n, generator=gen) < 0.5, torch.tensor(-0.0), torch.randn(n, generator=gen)
+        ),
+    }
+
+
+@pytest.mark.parametrize("k", [2, 3], ids=lambda k: f"k{k}")
+@pytest.mark.parametrize("name", list(binning_rows()), ids=lambda s: s.replace(" ", "-").replace(",", ""))
+def test_binned_rows_match_the_sorted_search(name: str, k: int) -> None:
+    """Odd value ranges (many binades, subnormals, one narrow binade, one sign, signed zeros): the
+    binned search (float32) finds the same partition as the sorted search of the same values, and
+    the same centres whatever the order of the values."""
+    x = binning_rows()[name].to(torch.float32)
+    binned = kmeans_1d(x, k)
+    exact = kmeans_1d(x.to(torch.float64), k)
+    assert torch.equal(binned.counts, exact.counts), name
+    # inertia = sum x^2 - sum S^2 / N: sum x^2 is rounded in data order, and cancels in a narrow range
+    slack = 1e-12 * float(x.to(torch.float64).square().sum())
+    assert float(binned.inertia[0]) == pytest.approx(float(exact.inertia[0]), rel=1e-9, abs=slack), name
+    perm = torch.randperm(x.numel(), generator=torch.Generator().manual_seed(1))
+    shuffled = kmeans_1d(x[perm], k)
+    for field in ("centers", "boundaries", "counts"):
+        assert torch.equal(getattr(shuffled, field), getattr(binned, field)), field
+    assert float(shuffled.inertia[0]) == pytest.approx(float(binned.inertia[0]), rel=1e-12, abs=slack)

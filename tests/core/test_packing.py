@@ -178,3 +178,29 @@ def test_wrong_ranks_and_dtypes_raise() -> None:
 @pytest.mark.parametrize(("n", "width", "expected"), [(0, 3, 0), (1, 3, 3), (8, 3, 3), (9, 3, 6), (384, 4, 192)])
 def test_packed_row_bytes(n: int, width: int, expected: int) -> None:
     assert packed_row_bytes(n, width) == expected
+
+
+def slow_unpack(packed: torch.Tensor, width: int, n: int) -> list[list[int]]:
+    """Reference unpacker: symbol ``i`` = stream bits ``[i * width, (i + 1) * width)``, LSB first."""
+    out = []
+    for row in packed.tolist():
+        syms = []
+        for i in range(n):
+            value = 0
+            for b in range(width):
+                j = i * width + b
+                value |= ((row[j // 8] >> (j % 8)) & 1) << b
+            syms.append(value)
+        out.append(syms)
+    return out
+
+
+@pytest.mark.parametrize("width", ALL_WIDTHS, ids=lambda w: f"w{w}")
+@pytest.mark.parametrize("shape", [(3, 7), (2, 16), (4, 41), (1, 1)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_unpack_arbitrary_bytes_matches_slow_reference(width: int, shape: tuple[int, int]) -> None:
+    """Every byte pattern, not only what pack_rows writes (the word and shift paths read all bits)."""
+    rows, n = shape
+    gen = torch.Generator().manual_seed(width * 100 + n)
+    packed = torch.randint(0, 256, (rows, packed_row_bytes(n, width)), generator=gen, dtype=torch.uint8)
+    packed[:, -1] = 0xFF  # the top byte of a 64-bit word set: no sign extension may leak into symbols
+    assert unpack_rows(packed, width, n).tolist() == slow_unpack(packed, width, n)

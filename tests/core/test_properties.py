@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -43,6 +45,9 @@ def weights(draw):
         clustering=draw(st.sampled_from(["tensor", "channel"])),
         scale_dtype=draw(st.sampled_from([torch.float16, torch.float32])),
     )
+    if spec.scale_dtype == torch.float16 and float(w.abs().max()) > 3e4:
+        # stacked outliers can leave fp16's range; that refusal has its own test
+        spec = dataclasses.replace(spec, scale_dtype=torch.float32)
     return w, spec
 
 

@@ -47,8 +47,8 @@ def fp32_sum_bound(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) 
     return 1e-5 * mag + 1e-30
 
 
-# Widths 2-8 take the vector paths; k = 16 with 8 bits (width 12) and group sizes that are not a
-# multiple of 16 / 8 exercise the fallbacks to AVX2 and scalar code.
+# Symbol widths 2-8 take the vector paths (all seven occur below); 8 bits with k = 3 (width 10) takes
+# the scalar path; group sizes 8 and 24 fall back from AVX-512 to AVX2, group size 5 to scalar code.
 SPECS = [
     QuantSpec(2, 1),
     QuantSpec(2, 3),
@@ -58,6 +58,7 @@ SPECS = [
     QuantSpec(4, 3, 32, scale_dtype=torch.float32),
     QuantSpec(4, 4),
     QuantSpec(4, 9, 16),
+    QuantSpec(4, 5, 16),
     QuantSpec(8, 1),
     QuantSpec(8, 1, 16),
     QuantSpec(8, 3),

