@@ -9,7 +9,11 @@ separate child processes, side by side:
 * ``offload``: the saved SplitQuant model reloaded with ``device_map="auto"`` and a ``max_memory``
   that forces part of it to disk; its logits must equal the in-memory quantized model's.
 
-Each child reports peak resident memory (``ru_maxrss``) above its pre-load baseline.
+Each child reports peak resident memory above its pre-load baseline twice: ``ru_maxrss`` (which
+also counts the pages of the memory-mapped float checkpoint that were read: clean page cache the
+kernel may drop at any time) and the peak of the anonymous part (``RssAnon``, sampled every 5 ms:
+the memory the process itself allocated), compared with the quantized size plus the largest float
+tensor and with the whole float model.
 
     python benchmarks/bench_scale.py [--out benchmarks/results]
 """
@@ -54,6 +58,42 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _status_mib(*keys: str) -> dict[str, float]:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in keys:
+                out[key] = int(rest.split()[0]) / 1024
+    return out
+
+
+class _AnonPeak:
+    """Samples the process's anonymous resident memory (``RssAnon``) every few ms; keeps the peak.
+
+    ``ru_maxrss`` also counts the pages of the memory-mapped checkpoint that were read (``RssFile``):
+    clean page cache the kernel can drop at any time, not memory the process allocated.
+    """
+
+    def __init__(self, every_s: float = 0.005) -> None:
+        import threading
+
+        self.peak = _status_mib("RssAnon")["RssAnon"]
+        self._stop = threading.Event()
+        self._every = every_s
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every):
+            self.peak = max(self.peak, _status_mib("RssAnon")["RssAnon"])
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, _status_mib("RssAnon")["RssAnon"])
+
+
 def build(path: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -77,6 +117,8 @@ def child(mode: str, src: str, qdir: str, offload_dir: str) -> dict:
     torch.manual_seed(0)
     ids = torch.randint(0, SHAPE["vocab_size"], (1, 16))
     base = _rss_mib()
+    base_anon = _status_mib("RssAnon")["RssAnon"]
+    sampler = _AnonPeak()
     t = time.perf_counter()
     if mode == "float":
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
@@ -88,7 +130,10 @@ def child(mode: str, src: str, qdir: str, offload_dir: str) -> dict:
             qdir, device_map="auto", max_memory={"cpu": f"{budget}MB"}, offload_folder=offload_dir
         )
     load_s = time.perf_counter() - t
+    peak_anon = sampler.stop()
     out = {"mode": mode, "load_s": load_s, "base_mib": base, "peak_mib": _peak_mib(), "after_mib": _rss_mib()}
+    out["peak_anon_above_base_mib"] = peak_anon - base_anon
+    out["after_anon_above_base_mib"] = _status_mib("RssAnon")["RssAnon"] - base_anon
     out["peak_above_base_mib"] = out["peak_mib"] - base
     out["resident_above_base_mib"] = out["after_mib"] - base
     out["footprint_mib"] = model.get_memory_footprint() / 2**20
@@ -167,6 +212,10 @@ def main() -> None:
         "offload": results["offload"],
         "offload_logits_equal_in_memory": same,
         "peak_ratio_quant_vs_float": results["quant"]["peak_above_base_mib"] / results["float"]["peak_above_base_mib"],
+        "float_model_bf16_mib": n_params * 2 / 2**20,
+        "quant_peak_anon_vs_float_model": results["quant"]["peak_anon_above_base_mib"] / (n_params * 2 / 2**20),
+        "quant_peak_anon_vs_quantized_plus_largest_fp32": results["quant"]["peak_anon_above_base_mib"]
+        / (q_bytes / 2**20 + largest * 4 / 2**20),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

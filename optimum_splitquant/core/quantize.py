@@ -56,44 +56,79 @@ class QuantizedWeight:
 def cluster_ids(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Cluster id (int64, same shape as the 2-D ``weight``) of every weight under ``spec``."""
     w = _checked(weight)
-    if w.numel() == 0 or spec.num_clusters == 1:
+    if w.numel() == 0:
         return torch.zeros(w.shape, dtype=torch.int64, device=w.device)
+    return assign_clusters(w, _boundaries(w, spec))
+
+
+def _boundaries(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """k-means boundaries: ``(1, k - 1)`` for per-tensor clustering, ``(out, k - 1)`` per channel."""
+    if spec.num_clusters == 1 or w.numel() == 0:
+        return torch.zeros(1 if spec.clustering == "tensor" else w.shape[0], 0, dtype=torch.float64, device=w.device)
     if spec.clustering == "tensor":
-        result = kmeans_1d(w.reshape(1, -1), spec.num_clusters)
-        return assign_clusters(w.reshape(1, -1), result.boundaries).reshape(w.shape)
-    result = kmeans_1d(w, spec.num_clusters)
-    return assign_clusters(w, result.boundaries)
+        return kmeans_1d(w.reshape(1, -1), spec.num_clusters).boundaries
+    return kmeans_1d(w, spec.num_clusters).boundaries
+
+
+# Rows are quantized in chunks of about this many weights: the temporaries (ids, codes, symbols)
+# of a large layer stay small while it streams in at load time. Rows are independent, so the bytes
+# do not depend on the chunking.
+_CHUNK_WEIGHTS = 1 << 20
 
 
 def quantize_weight(weight: torch.Tensor, spec: QuantSpec, ids: torch.Tensor | None = None) -> QuantizedWeight:
     """Quantize a 2-D float ``weight`` ``(out, in)``; ``ids`` overrides the clustering when given."""
-    w = _checked(weight).to(torch.float32)
+    w = _checked(weight)
     out_f, in_f = w.shape
     k = spec.num_clusters
     groups = spec.num_groups(in_f)
-    if ids is None:
-        ids = cluster_ids(w, spec)
     if w.numel() == 0:
         zeros = torch.zeros(out_f, groups, k, dtype=spec.scale_dtype, device=w.device)
         packed = torch.zeros(out_f, packed_row_bytes(in_f, spec.symbol_width), dtype=torch.uint8, device=w.device)
         return QuantizedWeight(packed, zeros, zeros.clone(), in_f)
-    w3 = w.reshape(out_f, groups, -1)
-    id3 = ids.reshape(out_f, groups, -1)
-    lo = torch.empty(out_f, groups, k, dtype=torch.float32, device=w.device)
-    hi = torch.empty_like(lo)
-    for j in range(k):
-        member = id3 == j
-        present = member.any(dim=-1)
-        lo[..., j] = torch.where(present, torch.where(member, w3, torch.inf).amin(dim=-1), 0.0)
-        hi[..., j] = torch.where(present, torch.where(member, w3, -torch.inf).amax(dim=-1), 0.0)
-    offset, scale = _stored_range(lo, hi, spec)
-    off_w = offset.float().gather(-1, id3)
-    scale_w = scale.float().gather(-1, id3)
-    steps = torch.where(scale_w > 0, (w3 - off_w) / torch.where(scale_w > 0, scale_w, 1.0), 0.0)
-    codes = steps.round().clamp_(0, spec.levels - 1).to(torch.int32)
-    symbols = (id3.to(torch.int32) << spec.bits) | codes
-    packed = pack_rows(symbols.reshape(out_f, in_f), spec.symbol_width)
+    if ids is not None and tuple(ids.shape) != (out_f, in_f):
+        raise ValueError(f"ids must have the weight's shape {(out_f, in_f)}, got {tuple(ids.shape)}")
+    if ids is not None and not (int(ids.min()) >= 0 and int(ids.max()) < k):
+        raise ValueError(f"cluster ids must lie in [0, {k - 1}], got [{int(ids.min())}, {int(ids.max())}]")
+    bounds = _boundaries(w, spec) if ids is None else None
+    step = max(1, _CHUNK_WEIGHTS // max(in_f, 1))
+    parts = []
+    for r0 in range(0, out_f, step):
+        wc = w[r0 : r0 + step].to(torch.float32)
+        if ids is not None:
+            idc = ids[r0 : r0 + step]
+        else:
+            idc = assign_clusters(wc, bounds if bounds.shape[0] == 1 else bounds[r0 : r0 + step])
+        parts.append(_quantize_rows(wc, idc, spec, groups))
+    packed, scale, offset = (torch.cat(t) for t in zip(*parts, strict=True))
     return QuantizedWeight(packed, scale, offset, in_f)
+
+
+def _quantize_rows(w: torch.Tensor, ids: torch.Tensor, spec: QuantSpec, groups: int):
+    """Packed rows, scale and offset of float32 rows ``w`` with cluster ids ``ids``.
+
+    Every weight has a slot ``(row, group, cluster)``; one scatter pass per bound gives each slot's
+    min and max (an empty slot stores 0 and 0).
+    """
+    out_f, in_f = w.shape
+    k = spec.num_clusters
+    dev = w.device
+    slot = ids.reshape(out_f, groups, -1) + (torch.arange(out_f * groups, device=dev) * k).view(out_f, groups, 1)
+    slot = slot.reshape(-1)
+    flat = w.reshape(-1)
+    n = out_f * groups * k
+    lo = torch.full((n,), torch.inf, device=dev).scatter_reduce_(0, slot, flat, "amin")
+    hi = torch.full((n,), -torch.inf, device=dev).scatter_reduce_(0, slot, flat, "amax")
+    empty = torch.isinf(lo)
+    offset, scale = _stored_range(
+        lo.masked_fill_(empty, 0.0).view(out_f, groups, k), hi.masked_fill_(empty, 0.0).view(out_f, groups, k), spec
+    )
+    off_w = offset.float().reshape(-1)[slot]
+    scale_w = scale.float().reshape(-1)[slot]
+    steps = torch.where(scale_w > 0, (flat - off_w) / torch.where(scale_w > 0, scale_w, 1.0), 0.0)
+    codes = steps.round().clamp_(0, spec.levels - 1).to(torch.int32)
+    symbols = (ids.reshape(-1).to(torch.int32) << spec.bits) | codes
+    return pack_rows(symbols.reshape(out_f, in_f), spec.symbol_width), scale, offset
 
 
 def decode_symbols(packed: torch.Tensor, in_features: int, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:

@@ -212,6 +212,17 @@ def test_explicit_ids_override_clustering() -> None:
     assert torch.equal(dequant(q, spec), expected)
 
 
+@pytest.mark.parametrize("bad", [-1, 3])
+def test_explicit_ids_out_of_range_raise(bad: int) -> None:
+    w = make_weight(seed=5)
+    ids = torch.zeros(w.shape, dtype=torch.int64)
+    ids[1, 2] = bad
+    with pytest.raises(ValueError, match=r"cluster ids must lie in \[0, 2\]"):
+        quantize_weight(w, QuantSpec(2, 3), ids=ids)
+    with pytest.raises(ValueError, match="ids must have the weight's shape"):
+        quantize_weight(w, QuantSpec(2, 3), ids=ids[:, :-1])
+
+
 @pytest.mark.parametrize("spec", [QuantSpec(2, 3), QuantSpec(4, 3, 32, "channel", torch.bfloat16)], ids=spec_id)
 def test_deterministic(spec: QuantSpec) -> None:
     w = make_weight(64, 128, seed=9)
@@ -368,3 +379,18 @@ def test_spec_symbol_width(k: int) -> None:
 def test_spec_rejects_bad_settings(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         QuantSpec(**kwargs)
+
+
+@pytest.mark.parametrize("clustering", ["tensor", "channel"])
+def test_row_chunking_does_not_change_the_bytes(clustering: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large layers are quantized in row chunks; the result must not depend on the chunk size."""
+    import optimum_splitquant.core.quantize as qmod
+
+    w = torch.randn(37, 48, generator=torch.Generator().manual_seed(5)) * 0.05
+    w[3, 7] = 1.5
+    spec = QuantSpec(bits=2, num_clusters=3, group_size=16, clustering=clustering)
+    whole = quantize_weight(w, spec)
+    monkeypatch.setattr(qmod, "_CHUNK_WEIGHTS", 48 * 5)  # chunks of 5 rows, the last one shorter
+    chunked = quantize_weight(w, spec)
+    assert torch.equal(whole.packed, chunked.packed)
+    assert torch.equal(whole.scale, chunked.scale) and torch.equal(whole.offset, chunked.offset)
