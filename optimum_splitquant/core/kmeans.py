@@ -191,6 +191,28 @@ def _best_cuts(lays, okcut, nt, st):
     return best, torch.cat(picks, 1)
 
 
+def _prune_pass(lays, lo, hi, cuts, best, nt, st, tol):
+    """One pruning pass over layouts whose cut ``j`` must lie in ``[lo[:, j], hi[:, j]]``.
+
+    The best partition over the layouts' positions improves the incumbent (``cuts``, score
+    ``best``); returns it with, per cut, the items that may still hold an optimal cut.
+    """
+    k1 = len(lays)
+    rl = [lo[:, j : j + 1] for j in range(k1)]
+    rh = [hi[:, j : j + 1] for j in range(k1)]
+    okcut = [lay.ok & (lay.n >= a) & (lay.n <= b) for lay, a, b in zip(lays, rl, rh, strict=True)]
+    val, idx = _best_cuts(lays, okcut, nt, st)
+    better = val > best
+    best = torch.where(better, val, best)
+    found = torch.cat([lay.n.gather(1, idx[:, j : j + 1]) for j, lay in enumerate(lays)], 1)
+    cuts = torch.where(better.unsqueeze(1), found, cuts)
+    okitem = []
+    for lay, a, b in zip(lays, rl, rh, strict=True):
+        nu, nv = lay.n[:, :-1], lay.n[:, 1:]
+        okitem.append(lay.ok[:, :-1] & lay.ok[:, 1:] & (nv > nu) & (nu >= a) & (nv <= b))
+    return cuts, best, _keep_items(lays, okitem, nt, st, best - tol)
+
+
 def _keep_items(lays, okitem, nt, st, thresh):
     """Items (consecutive positions of lays[j]) that may hold cut j of a partition whose score
     (sum of S^2/N) reaches ``thresh``; see the module docstring for the bound."""
@@ -373,19 +395,7 @@ def _certify(src, cuts, lo, hi, max_levels=64):
     targets = [_around(cuts[:, j], lo[:, j], hi[:, j]) for j in range(k1)]
     for _ in range(max_levels):
         lays = _layouts(src, targets, bool((hi[:, :-1] > lo[:, 1:]).any()))
-        rl = [lo[:, j : j + 1] for j in range(k1)]
-        rh = [hi[:, j : j + 1] for j in range(k1)]
-        okcut = [lay.ok & (lay.n >= a) & (lay.n <= b) for lay, a, b in zip(lays, rl, rh, strict=True)]
-        val, idx = _best_cuts(lays, okcut, nt, st)
-        better = val > best
-        best = torch.where(better, val, best)
-        found = torch.cat([lay.n.gather(1, idx[:, j : j + 1]) for j, lay in enumerate(lays)], 1)
-        cuts = torch.where(better.unsqueeze(1), found, cuts)
-        okitem = []
-        for lay, a, b in zip(lays, rl, rh, strict=True):
-            nu, nv = lay.n[:, :-1], lay.n[:, 1:]
-            okitem.append(lay.ok[:, :-1] & lay.ok[:, 1:] & (nv > nu) & (nu >= a) & (nv <= b))
-        keeps = _keep_items(lays, okitem, nt, st, best - tol)
+        cuts, best, keeps = _prune_pass(lays, lo, hi, cuts, best, nt, st, tol)
         for lay, kp in zip(lays, keeps, strict=True):
             src.expand(lay, kp)  # kept single coarse bins: read their values
         splits = [src.split_points(lay) for lay in lays]
@@ -489,19 +499,7 @@ def _zoom_level(src, cuts, lo, hi, best, items):
     frac = torch.linspace(0, 1, items + 1, dtype=_F64, device=cuts.device)
     targets = [lo[:, j : j + 1] + (hi - lo)[:, j : j + 1] * frac for j in range(k1)]
     lays = _layouts(src, targets, bool(overlap.any()))
-    rl = [lo[:, j : j + 1] for j in range(k1)]
-    rh = [hi[:, j : j + 1] for j in range(k1)]
-    okcut = [lay.ok & (lay.n >= a) & (lay.n <= b) for lay, a, b in zip(lays, rl, rh, strict=True)]
-    val, idx = _best_cuts(lays, okcut, src.nt, src.st)
-    better = val > best
-    best = torch.where(better, val, best)
-    found = torch.cat([lay.n.gather(1, idx[:, j : j + 1]) for j, lay in enumerate(lays)], 1)
-    cuts = torch.where(better.unsqueeze(1), found, cuts)
-    okitem = []
-    for lay, a, b in zip(lays, rl, rh, strict=True):
-        nu, nv = lay.n[:, :-1], lay.n[:, 1:]
-        okitem.append(lay.ok[:, :-1] & lay.ok[:, 1:] & (nv > nu) & (nu >= a) & (nv <= b))
-    keeps = _keep_items(lays, okitem, src.nt, src.st, best - _TOL * src.q_bound)
+    cuts, best, keeps = _prune_pass(lays, lo, hi, cuts, best, src.nt, src.st, _TOL * src.q_bound)
     lo, hi = lo.clone(), hi.clone()
     for j, (lay, kp) in enumerate(zip(lays, keeps, strict=True)):
         lo[:, j] = torch.minimum(torch.where(kp, lay.n[:, :-1], math.inf).amin(1), cuts[:, j])
