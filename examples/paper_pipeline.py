@@ -118,11 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 4, 8], choices=sorted(QTYPES))
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
+    # Show other libraries' warnings only, unless --verbose.
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not args.verbose:
+        for name in (logger.name, "optimum_splitquant"):
+            logging.getLogger(name).setLevel(logging.INFO)
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(0)
 

@@ -65,6 +65,7 @@ _DENSE = 32  # single-value items on each side of an incumbent cut in the certif
 _GROWTH = 1.2  # then items grow by this factor with their distance from the cut
 _TOL = 1e-11  # relative slack of the pruning test (rounding), times an upper bound of sum x^2
 _NORM_CHUNK = 4096
+_COMPARE_MAX = 7  # assign_clusters: at most this many boundaries are compared one by one, more are searched
 # Many clusters: the pruning search grows fast with k, the divide-and-conquer DP does not.
 _DC_MIN_K = 10
 _DC_MIN_K_MID_ROWS = 6  # ... and from k = 6 on binned-length rows shorter than:
@@ -128,10 +129,25 @@ def assign_clusters(values: torch.Tensor, boundaries: torch.Tensor) -> torch.Ten
     if boundaries.shape[-1] == 0:
         return torch.zeros(values.shape, dtype=torch.int64, device=values.device)
     b = boundaries.to(_F64)
+    if b.shape[-1] > _COMPARE_MAX:
+        v = values.to(_F64)
+        if b.shape[0] != v.shape[0]:
+            b = b.expand(v.shape[0], -1)
+        return torch.searchsorted(b.contiguous(), v.contiguous(), right=False)
+    # id = number of boundaries below the value, one comparison pass per boundary
+    if values.dtype == torch.float32:
+        # v > b  <=>  v >= c, c the smallest float32 above b: exact, without a float64 copy of the values
+        c = b.to(torch.float32)
+        c = torch.where(c.to(_F64) > b, c, torch.nextafter(c, torch.full_like(c, torch.inf)))
+        ids = values.ge(c[:, :1]).to(torch.int64)
+        for j in range(1, c.shape[1]):
+            ids.add_(values.ge(c[:, j : j + 1]))
+        return ids
     v = values.to(_F64)
-    if b.shape[0] != v.shape[0]:
-        b = b.expand(v.shape[0], -1)
-    return torch.searchsorted(b.contiguous(), v.contiguous(), right=False)
+    ids = v.gt(b[:, :1]).to(torch.int64)
+    for j in range(1, b.shape[1]):
+        ids.add_(v.gt(b[:, j : j + 1]))
+    return ids
 
 
 def _midpoints(centers: torch.Tensor) -> torch.Tensor:

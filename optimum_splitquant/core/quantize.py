@@ -18,6 +18,7 @@ every weight is within half a (stored) step of its reconstruction. A cluster wit
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -112,22 +113,21 @@ def _quantize_rows(w: torch.Tensor, ids: torch.Tensor, spec: QuantSpec, groups: 
     """
     out_f, in_f = w.shape
     k = spec.num_clusters
-    dev = w.device
-    slot = ids.reshape(out_f, groups, -1) + (torch.arange(out_f * groups, device=dev) * k).view(out_f, groups, 1)
-    slot = slot.reshape(-1)
-    flat = w.reshape(-1)
-    n = out_f * groups * k
-    lo = torch.full((n,), torch.inf, device=dev).scatter_reduce_(0, slot, flat, "amin")
-    hi = torch.full((n,), -torch.inf, device=dev).scatter_reduce_(0, slot, flat, "amax")
+    rows = out_f * groups  # one line per (row, group): its k slots, its weights and their ids
+    idg = ids.reshape(rows, -1)
+    wg = w.reshape(rows, -1)
+    lo = torch.full((rows, k), torch.inf, device=w.device).scatter_reduce_(1, idg, wg, "amin")
+    hi = torch.full((rows, k), -torch.inf, device=w.device).scatter_reduce_(1, idg, wg, "amax")
     empty = torch.isinf(lo)
     offset, scale = _stored_range(
         lo.masked_fill_(empty, 0.0).view(out_f, groups, k), hi.masked_fill_(empty, 0.0).view(out_f, groups, k), spec
     )
-    off_w = offset.float().reshape(-1)[slot]
-    scale_w = scale.float().reshape(-1)[slot]
-    steps = torch.where(scale_w > 0, (flat - off_w) / torch.where(scale_w > 0, scale_w, 1.0), 0.0)
-    codes = steps.round().clamp_(0, spec.levels - 1).to(torch.int32)
-    symbols = (ids.reshape(-1).to(torch.int32) << spec.bits) | codes
+    off_w = offset.float().reshape(rows, k).gather(1, idg)
+    scale_w = scale.float().reshape(rows, k).gather(1, idg)
+    positive = scale_w > 0
+    steps = torch.where(positive, (wg - off_w) / torch.where(positive, scale_w, 1.0), 0.0)
+    codes = steps.round_().clamp_(0, spec.levels - 1).to(torch.int32)
+    symbols = (idg.to(torch.int32) << spec.bits).bitwise_or_(codes)
     return pack_rows(symbols.reshape(out_f, in_f), spec.symbol_width), scale, offset
 
 
@@ -171,8 +171,8 @@ def _checked(weight: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"expected a 2-D weight (out, in), got shape {tuple(weight.shape)}")
     if not weight.is_floating_point():
         raise TypeError(f"expected a floating-point weight, got {weight.dtype}")
-    if weight.numel() and not bool(torch.isfinite(weight).all()):
-        raise ValueError("weight contains NaN or infinite values")
+    if weight.numel() and not all(math.isfinite(float(t)) for t in torch.aminmax(weight.detach())):
+        raise ValueError("weight contains NaN or infinite values")  # aminmax propagates NaN: one pass, no mask
     return weight.detach()
 
 

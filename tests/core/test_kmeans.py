@@ -214,6 +214,25 @@ def test_assign_clusters_broadcasts_one_boundary_row_and_k1() -> None:
     assert ids.dtype == torch.int64 and ids.tolist() == [[0, 0], [0, 0]]
 
 
+@pytest.mark.parametrize("k", [2, 3, 5, 8, 9, 17])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_assign_clusters_equals_searchsorted(k: int, dtype: torch.dtype) -> None:
+    # Up to 7 boundaries are compared one by one (float32 values against the smallest float32 above
+    # each float64 boundary); the ids must be those of searchsorted on float64, boundaries sitting
+    # exactly on values, a float64 hair away from them, and past the float32 range included.
+    gen = torch.Generator().manual_seed(k)
+    for scale in (1e-6, 1.0, 1e3):
+        values = (torch.randn(4, 3000, generator=gen) * scale).to(dtype)
+        picks = values.flatten()[torch.randint(0, values.numel(), (4, k - 1), generator=gen)].to(torch.float64)
+        hair = torch.randn(4, k - 1, generator=gen, dtype=torch.float64) * scale * 1e-12
+        bounds = torch.sort(torch.where(torch.rand(4, k - 1, generator=gen) < 0.5, picks, picks + hair)).values
+        if k == 2:
+            bounds[3, 0] = -1e300
+        for b in (bounds, bounds[:1]):
+            expected = torch.searchsorted(b.expand(4, -1).contiguous(), values.to(torch.float64), right=False)
+            assert torch.equal(assign_clusters(values, b), expected)
+
+
 # ----------------------------------------------------------------------------------- exactness
 
 
