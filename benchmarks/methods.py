@@ -54,10 +54,13 @@ def all_methods() -> list[Method]:
 
 
 def extra_methods() -> list[Method]:
-    """Opt-in (``--methods``): SplitQuant and plain min-max with groups of 128 columns, quanto's granularity."""
-    return [
-        Method(f"plain INT{b} g128 (k=1)", "plain min-max g128 (k=1)", "splitquant", b, 1, 128) for b in (2, 3, 4)
-    ] + [Method(f"SplitQuant INT{b} g128 (k=3)", "SplitQuant g128 (k=3)", "splitquant", b, 3, 128) for b in (2, 3)]
+    """Opt-in (``--methods``): SplitQuant and plain min-max with groups of 128 columns, quanto's granularity,
+    and SplitQuant INT2 with groups of 64 (128 does not divide SmolLM2-135M's width of 576; 64 does)."""
+    return (
+        [Method(f"plain INT{b} g128 (k=1)", "plain min-max g128 (k=1)", "splitquant", b, 1, 128) for b in (2, 3, 4)]
+        + [Method(f"SplitQuant INT{b} g128 (k=3)", "SplitQuant g128 (k=3)", "splitquant", b, 3, 128) for b in (2, 3)]
+        + [Method("SplitQuant INT2 g64 (k=3)", "SplitQuant g64 (k=3)", "splitquant", 2, 3, 64)]
+    )
 
 
 def quick_methods() -> list[Method]:

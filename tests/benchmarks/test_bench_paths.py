@@ -138,7 +138,7 @@ def test_method_list_covers_the_comparison():
         assert f"quanto qint{bits}" in names and f"split + quanto qint{bits}" in names
     assert "SplitQuant INT2 (k=4)" in names
     extras = methods.extra_methods()
-    assert {m.group_size for m in extras} == {128} and {m.group_size for m in methods.all_methods()} == {None}
+    assert {m.group_size for m in extras} == {128, 64} and {m.group_size for m in methods.all_methods()} == {None}
     everything = methods.all_methods() + extras
     assert len({m.slug for m in everything}) == len({m.name for m in everything}) == len(everything)
 
