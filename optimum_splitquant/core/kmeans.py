@@ -138,15 +138,12 @@ def assign_clusters(values: torch.Tensor, boundaries: torch.Tensor) -> torch.Ten
     if values.dtype == torch.float32:
         # v > b  <=>  v >= c, c the smallest float32 above b: exact, without a float64 copy of the values
         c = b.to(torch.float32)
-        c = torch.where(c.to(_F64) > b, c, torch.nextafter(c, torch.full_like(c, torch.inf)))
-        ids = values.ge(c[:, :1]).to(torch.int64)
-        for j in range(1, c.shape[1]):
-            ids.add_(values.ge(c[:, j : j + 1]))
-        return ids
-    v = values.to(_F64)
-    ids = v.gt(b[:, :1]).to(torch.int64)
-    for j in range(1, b.shape[1]):
-        ids.add_(v.gt(b[:, j : j + 1]))
+        v, t, above = values, torch.where(c.to(_F64) > b, c, c.nextafter(torch.full_like(c, torch.inf))), torch.ge
+    else:
+        v, t, above = values.to(_F64), b, torch.gt
+    ids = above(v, t[:, :1]).to(torch.int64)
+    for j in range(1, t.shape[1]):
+        ids.add_(above(v, t[:, j : j + 1]))
     return ids
 
 
