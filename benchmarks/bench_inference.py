@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import optimum_splitquant as osq
-from benchmarks.output import machine_info
+from benchmarks.output import machine_info, proc_status_kib
 from optimum_splitquant import kernels
 from optimum_splitquant.core import QuantSpec, dequantize_weight, quantize_weight, unpack_rows
 from optimum_splitquant.nn import SplitQuantLinear
@@ -306,13 +306,7 @@ def bench_smollm(repeats: int, quick: bool, save_to: Path | None) -> dict[str, A
 
 # ---------------------------------------------------------------------------------------------- 4. memory
 def _status_kib() -> dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
-                out[key] = int(rest.split()[0])
-    return out
+    return proc_status_kib("VmRSS", "RssAnon", "RssFile", "VmHWM")
 
 
 def _malloc_trim() -> bool:

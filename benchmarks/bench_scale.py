@@ -33,6 +33,11 @@ import tempfile
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.output import proc_status_kib
+
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "optimum-splitquant" / "llama-1b-random"
 SHAPE = dict(
     vocab_size=32000,
@@ -47,11 +52,7 @@ SHAPE = dict(
 
 
 def _rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return _status_mib("VmRSS")["VmRSS"]
 
 
 def _peak_mib() -> float:
@@ -59,13 +60,7 @@ def _peak_mib() -> float:
 
 
 def _status_mib(*keys: str) -> dict[str, float]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in keys:
-                out[key] = int(rest.split()[0]) / 1024
-    return out
+    return {key: kib / 1024 for key, kib in proc_status_kib(*keys).items()}
 
 
 class _AnonPeak:

@@ -12,9 +12,20 @@ from typing import Any
 
 import torch
 
-__all__ = ["machine_info", "markdown", "plot", "write_all"]
+__all__ = ["machine_info", "markdown", "plot", "proc_status_kib", "write_all"]
 
 _PACKAGES = ("optimum-splitquant", "torch", "transformers", "optimum-quanto", "scikit-learn", "numpy", "safetensors")
+
+
+def proc_status_kib(*keys: str) -> dict[str, int]:
+    """Fields of ``/proc/self/status`` (``VmRSS``, ``RssAnon``, ``RssFile``, ``VmHWM``, ...) in KiB (Linux)."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in keys:
+                out[key] = int(rest.split()[0])
+    return out
 
 
 def _cpu_model() -> str:
