@@ -30,6 +30,11 @@ result is the global optimum (not a Lloyd fixed point), found by pruning with lo
   value next to each cut and geometrically growing items further out certifies it, refining
   (and reading more bins) only where items survive.
 
+* Compiled search: when the optional CPU kernels are built (:mod:`optimum_splitquant.kernels`),
+  binned rows with ``2 <= k <= 4`` are searched by ``kernels/kmeans_cpu.cpp`` (same bins, same
+  bound, plain loops). Prefix sums at positions inside read bins are ``sum of the bins before +
+  exact sum of the bin's values before`` in both searches, so they return the same bits.
+
 * Many clusters (``k >= 10``, or ``k >= 6`` on binned-length rows shorter than ``2**18``): the
   pruning search grows fast with ``k``, so the rows are sorted and solved by the classic dynamic
   programme with divide and conquer (the optimal last cut is monotone), ``O(k n log n)``.
@@ -70,6 +75,7 @@ _COMPARE_MAX = 7  # assign_clusters: at most this many boundaries are compared o
 _DC_MIN_K = 10
 _DC_MIN_K_MID_ROWS = 6  # ... and from k = 6 on binned-length rows shorter than:
 _DC_MAX_N_MID_K = 1 << 18
+_NATIVE_MAX_K = 4  # the compiled binned search (kernels/kmeans_cpu.cpp) takes 2 <= k <= this
 
 
 @dataclass(frozen=True)
@@ -680,16 +686,28 @@ def _keys_to_values(keys):
     return (((k >> 31) & 0x7FFFFFFF) ^ k).view(torch.float32).to(_F64)
 
 
-def _sum_of_squares(x64):
-    """Sum of squares with a fixed reduction order (independent of the thread count)."""
-    n = x64.numel()
+def _sum_of_squares(x):
+    """Sum of squares of a float32 row in float64, with a fixed reduction order (independent of the
+    thread count)."""
+    n = x.numel()
     main = n - n % _NORM_CHUNK
     total = 0.0
     if main:
-        total += float(torch.linalg.vector_norm(x64[:main].view(-1, _NORM_CHUNK), dim=1).square().sum())
+        total += float(torch.linalg.vector_norm(x[:main].view(-1, _NORM_CHUNK), dim=1, dtype=_F64).square().sum())
     if n - main:
-        total += float(x64[main:].square().sum())
+        total += float(x[main:].to(_F64).square().sum())
     return total
+
+
+def _sums_before(uv, ucnt, start):
+    """Exact sum of the values (``ucnt`` copies of each sorted distinct float32 ``uv``) of the same
+    bin before each one (``start``: index of the bin's first distinct value). A bin is one sign and
+    one binade, so these are whole multiples of its ulp: summed as int64 multiples, they are exact,
+    the same number the compiled search computes."""
+    e = (uv.view(torch.int32) >> 23).bitwise_and_(0xFF).clamp_(min=1) - 150  # ulp exponent of the binade
+    units = (torch.ldexp(uv.to(_F64), -e.to(_F64)) * ucnt.to(_F64)).to(torch.int64)
+    before = torch.cat([units.new_zeros(1), units.cumsum(0)])[:-1]
+    return torch.ldexp((before - before[start]).to(_F64), e.to(_F64))
 
 
 def _select(x, mask):
@@ -727,7 +745,6 @@ class _BinnedSource:
         counts = torch.bincount(self.idx, minlength=nb)
         x64 = x.to(_F64)
         sums = torch.bincount(self.idx, weights=x64, minlength=nb)
-        self.q_total = _sum_of_squares(x64)
         low_keys = self._low_key(torch.arange(nb + 1, dtype=torch.int64, device=dev))
         hull = torch.stack([low_keys[:-1], low_keys[1:] - 1]).clamp_(min=kmin, max=kmax)
         elo, ehi = _keys_to_values(hull).unbind()  # value hull of each bin
@@ -809,10 +826,10 @@ class _BinnedSource:
         last[:-1] = first[1:]
         start = torch.searchsorted(ubin, ubin)
         zero = torch.zeros(1, dtype=_F64, device=uv.device)
-        cn, cs, cq = (torch.cat([zero, t.cumsum(0)])[:-1] for t in (c64, c64 * u64, c64 * u64 * u64))
+        cn, cq = (torch.cat([zero, t.cumsum(0)])[:-1] for t in (c64, c64 * u64 * u64))
         inner = ~first
         self._raw_n = (self.nc[ubin] + (cn - cn[start]))[inner]
-        self._raw_s = (self.sc[ubin] + (cs - cs[start]))[inner]
+        self._raw_s = (self.sc[ubin] + _sums_before(uv, ucnt, start))[inner]
         self._raw_q = (self.qc[ubin] + (cq - cq[start]))[inner]
         self._raw_lo = u64[inner]
         self._raw_hi = torch.cat([u64[:1], u64[:-1]])[inner]
@@ -892,15 +909,50 @@ class _BinnedSource:
     def expand(self, lay, kept):
         """Make fine the coarse bins that a kept item consists of."""
         u, v = lay.n[0, :-1], lay.n[0, 1:]
-        e = torch.searchsorted(self.nc, u).clamp(max=self.nb - 1)
+        e = (torch.searchsorted(self.nc, u, right=True) - 1).clamp(0, self.nb - 1)  # the first non-empty bin from u
         single = (self.nc[e] == u) & (self.nc[e + 1] == v) & self.coarse[e]
         bins = e[kept[0] & single]
         return self.make_fine(bins) if bins.numel() else False
 
 
-def _cluster_binned(x, k, max_iter):
-    src = _BinnedSource(x)
+def _native_binned(x, k):
+    """The compiled search's result for one float32 row, or None (not built, turned off, or k out of range)."""
+    if not 2 <= k <= _NATIVE_MAX_K:
+        return None
+    from .. import kernels  # optional compiled ops (they depend on torch alone)
+
+    return kernels.kmeans_binned(x, k)
+
+
+def _binned_result(x, cut_n, cut_s, nt, st):
     z = torch.zeros(1, dtype=_F64)
+    cnt = torch.cat([z, cut_n, nt]).diff().unsqueeze(0)
+    sm = torch.cat([z, cut_s, st]).diff().unsqueeze(0)
+    inertia = (_sum_of_squares(x) - _val(cnt, sm).sum(1)).clamp(min=0)
+    counts, _, centers = _canonical(cnt, sm)
+    return centers, counts.to(torch.int64), inertia
+
+
+def _separated(cut_n, cut_s, nt, st, lo, hi):
+    """The centres' midpoints separate the values on either side of every cut (or a cluster is empty)."""
+    z = torch.zeros(1, dtype=_F64)
+    cnt = torch.cat([z, cut_n, nt]).diff()
+    if bool((cnt == 0).any()):
+        return True
+    b = _midpoints((torch.cat([z, cut_s, st]).diff() / cnt).unsqueeze(0))[0]
+    return bool((hi <= b).all()) and bool((lo > b).all())
+
+
+def _cluster_binned(x, k, max_iter):
+    out = _native_binned(x, k)
+    if out is not None:
+        k1 = k - 1
+        st, cut_n, cut_s, lo, hi = out[:1], *out[1:].view(4, k1).unbind()
+        nt = torch.tensor([float(x.numel())], dtype=_F64)
+        if not _separated(cut_n, cut_s, nt, st, lo, hi):
+            return _cluster_sorted(x.to(_F64).unsqueeze(0), k, max_iter)
+        return _binned_result(x, cut_n, cut_s, nt, st)
+    src = _BinnedSource(x)
     cut_n = cut_s = torch.zeros(0, dtype=_F64)
     if k > 1:
         cuts, rlo, rhi = _start(src, k)
@@ -921,21 +973,12 @@ def _cluster_binned(x, k, max_iter):
             cut_n = cuts[0]
             rec = src._records(cut_n)
             cut_s = rec.s
-            cnt = torch.cat([z, cut_n, src.nc[-1:]]).diff()
-            sm = torch.cat([z, cut_s, src.sc[-1:]]).diff()
-            if bool((cnt == 0).any()):
-                break
-            b = _midpoints((sm / cnt).unsqueeze(0))[0]
             # boundaries must separate the values next to each cut; neighbour bins not read yet
             # (their values known only up to the bin's hull) are read first
-            if bool((rec.hi <= b).all()) and bool((rec.lo > b).all()):
+            if _separated(cut_n, cut_s, src.nc[-1:], src.sc[-1:], rec.lo, rec.hi):
                 break
             e = torch.searchsorted(src.nc, cut_n)  # the non-empty bins on either side of edge e
             near = torch.cat([src.prv[e], src.nxt[e]])
             if not src.make_fine(near[(src.counts[near] > 0) & ~src.fine[near]]):
                 return _cluster_sorted(x.to(_F64).unsqueeze(0), k, max_iter)
-    cnt = torch.cat([z, cut_n, src.nc[-1:]]).diff().unsqueeze(0)
-    sm = torch.cat([z, cut_s, src.sc[-1:]]).diff().unsqueeze(0)
-    inertia = (src.q_total - _val(cnt, sm).sum(1)).clamp(min=0)
-    counts, _, centers = _canonical(cnt, sm)
-    return centers, counts.to(torch.int64), inertia
+    return _binned_result(x, cut_n, cut_s, src.nc[-1:], src.sc[-1:])

@@ -1,6 +1,7 @@
-"""Optional compiled CPU kernels for SplitQuant layers, with the pure-torch path as fallback.
+"""Optional compiled CPU kernels, with the pure-torch path as fallback.
 
-Two torch ops, built from ``splitquant_cpu.cpp`` at first use (see :mod:`._build`):
+Three torch ops, built from ``splitquant_cpu.cpp`` and ``kmeans_cpu.cpp`` at first use (see
+:mod:`._build`):
 
 * ``torch.ops.optimum_splitquant.dequantize``: packed rows -> fp32 weight, bit-identical to
   :func:`optimum_splitquant.core.dequantize_weight`; used before a GEMM for large batches.
@@ -8,11 +9,18 @@ Two torch ops, built from ``splitquant_cpu.cpp`` at first use (see :mod:`._build
   the packed bytes directly (per 16 weights: unpack, one table lookup per lane, one FMA per
   token); the same weights as the plain path, summed in another order (fp32, relative error
   ~1e-6).
+* ``torch.ops.optimum_splitquant.kmeans_binned``: the exact 1-D k-means search of one float32 row
+  (:func:`optimum_splitquant.core.kmeans_1d`'s binned path, ``2 <= k <= 4``); the same cuts and
+  the same bits as the pure-torch search, in plain loops instead of ~1,500 small torch ops.
+
+This package depends on torch alone (``QuantSpec`` is only a type here), so the pure-torch core
+may call it lazily.
 
 ``OPTIMUM_SPLITQUANT_KERNELS`` selects the behaviour: ``auto`` (default: build or load the cached
 library; on failure log a warning once and use pure torch), ``off`` (``0``/``false``/``torch``:
 pure torch only, nothing is compiled) or ``require`` (``1``/``on``: raise if the kernels cannot
-be built). Both ops have fake (meta) implementations, so ``torch.compile`` traces through them.
+be built). ``dequantize`` and ``linear`` have fake (meta) implementations, so ``torch.compile``
+traces through them.
 """
 
 from __future__ import annotations
@@ -22,11 +30,14 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..core.spec import QuantSpec
 from ._build import CACHE_ENV, KernelBuildError, build_library, cache_dir
+
+if TYPE_CHECKING:
+    from ..core.spec import QuantSpec
 
 __all__ = [
     "CACHE_ENV",
@@ -36,6 +47,7 @@ __all__ = [
     "available",
     "cache_dir",
     "dequantize",
+    "kmeans_binned",
     "linear",
     "mode",
     "status",
@@ -159,6 +171,18 @@ def linear(
     return torch.ops.optimum_splitquant.linear.default(
         x, packed, scale, offset, bias, in_features, spec.bits, spec.symbol_width, isa
     )
+
+
+def kmeans_binned(x: torch.Tensor, k: int) -> torch.Tensor | None:
+    """Compiled exact k-means of a 1-D float32 row, or None (kernels off or unavailable, or the search gave up).
+
+    Returns float64 ``[sum, counts before each cut, prefix sums at them, first value after each cut,
+    last value before each cut]`` (``1 + 4 (k - 1)`` values); ``core.kmeans`` turns it into centres.
+    """
+    if torch.compiler.is_compiling() or not available():
+        return None
+    out = torch.ops.optimum_splitquant.kmeans_binned.default(x, k)
+    return out if out.numel() else None
 
 
 def _require_loaded() -> None:

@@ -28,6 +28,8 @@ __all__ = ["KernelBuildError", "build_library", "cache_dir", "find_compiler"]
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("splitquant_cpu.cpp")
+# Compiled into the same library as SOURCE: the exact 1-D k-means search (core/kmeans.py's binned path).
+KMEANS_SOURCE = Path(__file__).with_name("kmeans_cpu.cpp")
 CACHE_ENV = "OPTIMUM_SPLITQUANT_CACHE"
 _TIMEOUT_S = 600
 
@@ -101,13 +103,15 @@ def _compiler_version(cxx: str) -> str:
 
 def build_library() -> Path:
     """Path of the compiled library, building it first if this source/toolchain has no cached build."""
-    if not SOURCE.is_file():
-        raise KernelBuildError(f"kernel source {SOURCE} is missing from the installation")
+    sources = (SOURCE, KMEANS_SOURCE)
+    for path in sources:
+        if not path.is_file():
+            raise KernelBuildError(f"kernel source {path} is missing from the installation")
     cxx = find_compiler()
     if cxx is None:
         raise KernelBuildError("no C++ compiler found (install g++ or clang++, or set CXX)")
-    source = SOURCE.read_bytes()
-    key_parts = [source, _compiler_version(cxx).encode(), torch.__version__.encode(), platform.machine().encode()]
+    key_parts = [path.read_bytes() for path in sources]
+    key_parts += [_compiler_version(cxx).encode(), torch.__version__.encode(), platform.machine().encode()]
     key_parts += [" ".join(_flags(True) + _link_flags()).encode()]
     key = hashlib.sha256(b"\0".join(key_parts)).hexdigest()[:16]
     target = cache_dir() / f"splitquant_cpu-{key}.so"
@@ -120,7 +124,7 @@ def build_library() -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
         out = Path(tmp) / target.name
         for openmp in (True, False):  # Apple clang has no -fopenmp: build single-threaded instead
-            cmd = [cxx, *_flags(openmp), str(SOURCE), "-o", str(out), *_link_flags()]
+            cmd = [cxx, *_flags(openmp), *map(str, sources), "-o", str(out), *_link_flags()]
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_TIMEOUT_S, check=False)
             except (OSError, subprocess.SubprocessError) as exc:

@@ -1,0 +1,98 @@
+"""The compiled k-means search (``kernels.kmeans_binned``) against the pure-torch binned search.
+
+Both are exact and share the bins and the finish, so every field of ``kmeans_1d``'s result must be
+bit-identical with the kernels on and off. Skipped when the kernels cannot be built here (unless
+``OPTIMUM_SPLITQUANT_KERNELS=require``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from optimum_splitquant import kernels
+from optimum_splitquant.core import KMeans1D, kmeans_1d
+from optimum_splitquant.core.kmeans import _sums_before
+from tests.core.test_kmeans import binning_rows
+from tests.helpers import minilm_linear_weights
+
+FIELDS = ("centers", "boundaries", "counts", "inertia")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _kernels_built() -> None:
+    st = kernels.status()
+    if not st.active:
+        pytest.skip(f"compiled kernels unavailable: {st.reason}")
+
+
+def both_paths(x: torch.Tensor, k: int, monkeypatch: pytest.MonkeyPatch) -> tuple[KMeans1D, KMeans1D]:
+    monkeypatch.setenv(kernels.ENV_VAR, "auto")
+    assert kernels.kmeans_binned(x.float().contiguous(), k) is not None, "the compiled search gave up"
+    native = kmeans_1d(x, k)
+    monkeypatch.setenv(kernels.ENV_VAR, "off")
+    assert kernels.kmeans_binned(x.float().contiguous(), k) is None
+    torch_path = kmeans_1d(x, k)
+    return native, torch_path
+
+
+def assert_identical(a: KMeans1D, b: KMeans1D, what: str) -> None:
+    for field in FIELDS:
+        assert torch.equal(getattr(a, field), getattr(b, field)), f"{what}: {field} differs"
+
+
+@pytest.mark.parametrize("k", [3, 4], ids=lambda k: f"k{k}")
+def test_real_minilm_weights_bit_identical(k: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every MiniLM linear weight: the same centres, boundaries, counts and inertia, bit for bit."""
+    for name, w in minilm_linear_weights().items():
+        native, torch_path = both_paths(w.flatten(), k, monkeypatch)
+        assert_identical(native, torch_path, name)
+
+
+def odd_rows() -> dict[str, torch.Tensor]:
+    """The binning tests' odd value ranges, plus many ties and a few outliers."""
+    gen = torch.Generator().manual_seed(7)
+    n = 40_000
+    return {
+        **binning_rows(),
+        # few distinct values, each repeated (as weights dequantized from a 4-bit format): many ties
+        "16 levels": torch.randint(-8, 8, (n,), generator=gen).float() * 0.01,
+        "outliers": torch.cat([torch.randn(n - 20, generator=gen) * 0.02, torch.randn(20, generator=gen) * 3]),
+    }
+
+
+@pytest.mark.parametrize("k", [2, 3, 4], ids=lambda k: f"k{k}")
+@pytest.mark.parametrize("name", list(odd_rows()), ids=lambda s: s.replace(" ", "-").replace(",", ""))
+def test_odd_rows_bit_identical(name: str, k: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    native, torch_path = both_paths(odd_rows()[name].float(), k, monkeypatch)
+    assert_identical(native, torch_path, name)
+
+
+def test_out_of_range_k_uses_the_torch_search(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.randn(1 << 15, generator=torch.Generator().manual_seed(2))
+    with pytest.raises(RuntimeError, match="2 <= k <= 4"):
+        torch.ops.optimum_splitquant.kmeans_binned.default(x, 5)
+    monkeypatch.setenv(kernels.ENV_VAR, "auto")
+    a = kmeans_1d(x, 5)
+    monkeypatch.setenv(kernels.ENV_VAR, "off")
+    assert_identical(a, kmeans_1d(x, 5), "k=5")
+
+
+def test_sums_before_are_exact() -> None:
+    """Partial sums inside a bin (one sign, one binade) are exact: equal to math.fsum of the values."""
+    import math
+
+    gen = torch.Generator().manual_seed(3)
+    # two "bins": [1, 2) and [-0.5, -0.25), distinct sorted values with counts
+    a = torch.unique(1 + torch.rand(300, generator=gen))
+    b = torch.unique(-0.5 + torch.rand(300, generator=gen) * 0.25)
+    uv = torch.cat([b, a]).float()
+    uv = torch.unique(uv)
+    ucnt = torch.randint(1, 1000, uv.shape, generator=gen)
+    first_pos = int((uv > 0).nonzero()[0])
+    start = torch.where(torch.arange(uv.numel()) < first_pos, 0, first_pos)
+    got = _sums_before(uv, ucnt, start)
+    for i in range(uv.numel()):
+        s = int(start[i])
+        want = math.fsum(float(uv[j]) * int(ucnt[j]) for j in range(s, i))
+        assert float(got[i]) == want, i
