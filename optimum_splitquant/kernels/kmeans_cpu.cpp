@@ -68,7 +68,7 @@ inline double pull(double n_core, double n_item, double dist) {
 
 struct Binning {
   int s = 0;
-  int64_t ct = 0, base = 0, nb = 0;
+  int64_t ct = 0, base = 0;
 
   __attribute__((always_inline)) int64_t raw(int64_t key) const {
     int64_t u = key >> s;
@@ -132,7 +132,6 @@ class Row {
     bins_.s = static_cast<int>(std::min(23.0, std::max(0.0, std::ceil(std::log2(ratio)))));
     bins_.base = bins_.raw(kmin);
     nb_ = bins_.raw(kmax) - bins_.base + 1;
-    bins_.nb = nb_;
     TORCH_CHECK(nb_ <= 65536, "kmeans_binned: internal error, ", nb_, " bins");
 
     // bin of every value (kept for reading bins later), counts and exact sums; per-chunk
