@@ -132,11 +132,11 @@ def bench_layers(repeats: int, quick: bool) -> list[dict[str, Any]]:
         }
         if kernels.available():
             cases["kernel: dequantize"] = lambda q=q, in_f=in_f: kernels.dequantize(
-                q.packed, q.scale, q.offset, in_f, spec
+                q.packed, q.scale, q.offset, in_f, spec.bits, spec.symbol_width
             )
             if tokens <= 32:
                 cases["kernel: fused linear op"] = lambda q=q, x=x, in_f=in_f: kernels.linear(
-                    x, q.packed, q.scale, q.offset, None, in_f, spec
+                    x, q.packed, q.scale, q.offset, None, in_f, spec.bits, spec.symbol_width
                 )
             cases["forward (default path)"] = lambda layer=layer, x=x: layer(x)
         with torch.no_grad():

@@ -30,8 +30,8 @@ from safetensors.torch import load, save
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from optimum_splitquant import FORMAT_VERSION, SplitQuantConfig  # noqa: E402
 from optimum_splitquant.checkpoint import check_consistency, header_metadata, read_checkpoint_index  # noqa: E402
-from optimum_splitquant.config import FORMAT_VERSION, SplitQuantConfig  # noqa: E402
 from optimum_splitquant.nn.linear import SplitQuantLinear  # noqa: E402
 
 logger = logging.getLogger("fuzz")

@@ -4,16 +4,19 @@
 before loading a SplitQuant checkpoint.
 """
 
-from ._registration import register as _register
-from .config import FORMAT_VERSION, SplitQuantConfig
-from .convert import quantize_model
+from .checkpoint import FORMAT_VERSION, save_pretrained_atomic
 from .core import QuantSpec, dequantize_weight, kmeans_1d, quantize_weight
-from .nn import SplitQuantLinear
-from .optimum_quantizer import SplitQuantizer
-from .quantizer import SplitQuantHfQuantizer
+from .edge import dequantize_to_split, merge_split, split_model
+from .hf import (
+    SplitQuantConfig,
+    SplitQuantHfQuantizer,
+    SplitQuantizer,
+    quantize_model,
+    verify_checkpoint,
+)
+from .hf import register as _register
+from .nn import SplitQuantConv2d, SplitQuantLinear, SplitQuantModule
 from .report import effective_bits, size_report
-from .saving import save_pretrained_atomic
-from .verify import verify_checkpoint
 
 __version__ = "0.1.0"
 
@@ -23,16 +26,21 @@ __all__ = [
     "FORMAT_VERSION",
     "QuantSpec",
     "SplitQuantConfig",
+    "SplitQuantConv2d",
     "SplitQuantHfQuantizer",
     "SplitQuantLinear",
+    "SplitQuantModule",
     "SplitQuantizer",
     "__version__",
+    "dequantize_to_split",
     "dequantize_weight",
     "effective_bits",
     "kmeans_1d",
+    "merge_split",
     "quantize_model",
     "quantize_weight",
     "save_pretrained_atomic",
     "size_report",
+    "split_model",
     "verify_checkpoint",
 ]

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .nn.linear import SplitQuantLinear
+from .checkpoint.format import QUANTIZED_TENSORS
+from .nn.compact import SplitQuantModule
 
 __all__ = ["SizeReport", "effective_bits", "size_report"]
 
@@ -16,7 +17,7 @@ class SizeReport:
     """Byte counts of a model's parameters and buffers.
 
     Attributes:
-        quantized_layers: number of ``SplitQuantLinear`` layers.
+        quantized_layers: number of SplitQuant layers.
         quantized_weights: original weights those layers stand for.
         quantized_bytes: bytes of their codes, cluster ids, scales and offsets.
         other_bytes: every other parameter and buffer (embeddings, norms, biases, float layers).
@@ -39,8 +40,8 @@ class SizeReport:
 
 def size_report(model: nn.Module) -> SizeReport:
     """Count what ``model`` stores, split between SplitQuant layers and everything else."""
-    layers = [m for m in model.modules() if isinstance(m, SplitQuantLinear)]
-    q_ids = {id(getattr(m, b)) for m in layers for b in ("weight_packed", "weight_scale", "weight_offset")}
+    layers = [m for m in model.modules() if isinstance(m, SplitQuantModule)]
+    q_ids = {id(getattr(m, b)) for m in layers for b in QUANTIZED_TENSORS}
     q_bytes = sum(m.storage_bits() for m in layers) // 8
     seen: set[int] = set()
     other = 0
@@ -58,5 +59,5 @@ def size_report(model: nn.Module) -> SizeReport:
 
 
 def effective_bits(model: nn.Module) -> float:
-    """Effective bits per quantized weight over all ``SplitQuantLinear`` layers of ``model``."""
+    """Effective bits per quantized weight over all SplitQuant layers of ``model``."""
     return size_report(model).effective_bits

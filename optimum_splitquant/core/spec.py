@@ -3,16 +3,47 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-__all__ = ["CLUSTERINGS", "MAX_CLUSTERS", "SCALE_DTYPES", "SUPPORTED_BITS", "QuantSpec"]
+__all__ = [
+    "CLUSTERINGS",
+    "MAX_CLUSTERS",
+    "SCALE_DTYPES",
+    "SUPPORTED_BITS",
+    "QuantSpec",
+    "check_num_clusters",
+    "int_field",
+]
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 MAX_CLUSTERS = 16
 CLUSTERINGS = ("tensor", "channel")
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def int_field(
+    name: str, value: Any, *, allowed: str, valid: Callable[[int], bool] | None = None, not_int: type = TypeError
+) -> int:
+    """``value`` if it is an ``int`` (not a ``bool``) for which ``valid`` holds.
+
+    Otherwise raises ``not_int`` (a wrong type) or ``ValueError`` (a wrong value), with a message
+    naming the field, the value and what is ``allowed``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise not_int(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
+    if valid is not None and not valid(value):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return value
+
+
+def check_num_clusters(value: Any, *, not_int: type = ValueError) -> int:
+    """``value`` if it is a valid k for the 1-D k-means (an integer in ``[1, MAX_CLUSTERS]``)."""
+    allowed = f"an integer in [1, {MAX_CLUSTERS}]"
+    return int_field("num_clusters", value, allowed=allowed, valid=lambda k: 1 <= k <= MAX_CLUSTERS, not_int=not_int)
 
 
 @dataclass(frozen=True)
@@ -35,14 +66,13 @@ class QuantSpec:
     scale_dtype: torch.dtype = torch.float16
 
     def __post_init__(self) -> None:
-        if not isinstance(self.bits, int) or isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits!r}")
-        k = self.num_clusters
-        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_CLUSTERS:
-            raise ValueError(f"num_clusters must be an integer in [1, {MAX_CLUSTERS}], got {k!r}")
-        g = self.group_size
-        if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g < 1):
-            raise ValueError(f"group_size must be None or a positive integer, got {g!r}")
+        int_field(
+            "bits", self.bits, allowed=f"one of {SUPPORTED_BITS}", valid=SUPPORTED_BITS.__contains__, not_int=ValueError
+        )
+        check_num_clusters(self.num_clusters)
+        if self.group_size is not None:
+            positive = "None or a positive integer"
+            int_field("group_size", self.group_size, allowed=positive, valid=lambda g: g >= 1, not_int=ValueError)
         if self.clustering not in CLUSTERINGS:
             raise ValueError(f"clustering must be one of {CLUSTERINGS}, got {self.clustering!r}")
         if self.scale_dtype not in SCALE_DTYPES.values():

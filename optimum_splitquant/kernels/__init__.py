@@ -13,8 +13,8 @@ Three torch ops, built from ``splitquant_cpu.cpp`` and ``kmeans_cpu.cpp`` at fir
   (:func:`optimum_splitquant.core.kmeans_1d`'s binned path, ``2 <= k <= 4``); the same cuts and
   the same bits as the pure-torch search, in plain loops instead of ~1,500 small torch ops.
 
-This package depends on torch alone (``QuantSpec`` is only a type here), so the pure-torch core
-may call it lazily.
+This package is a leaf: it depends on torch alone and takes plain integers (``bits``, the symbol
+``width``), so the pure-torch core may call it without an import cycle.
 
 ``OPTIMUM_SPLITQUANT_KERNELS`` selects the behaviour: ``auto`` (default: build or load the cached
 library; on failure log a warning once and use pure torch), ``off`` (``0``/``false``/``torch``:
@@ -30,14 +30,10 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from ._build import CACHE_ENV, KernelBuildError, build_library, cache_dir
-
-if TYPE_CHECKING:
-    from ..core.spec import QuantSpec
 
 __all__ = [
     "CACHE_ENV",
@@ -144,16 +140,21 @@ def available() -> bool:
 
 
 def dequantize(
-    packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, in_features: int, spec: QuantSpec, isa: int = -1
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor,
+    in_features: int,
+    bits: int,
+    width: int,
+    isa: int = -1,
 ) -> torch.Tensor:
     """fp32 ``(out, in_features)`` weight, bit-identical to ``core.dequantize_weight``; needs :func:`available`.
 
+    ``bits`` is the code width and ``width`` the packed symbol width (code and cluster id).
     ``isa`` caps the instruction set (0 scalar, 1 AVX2, 2 AVX-512; -1 = best), for tests.
     """
     _require_loaded()
-    return torch.ops.optimum_splitquant.dequantize.default(
-        packed, scale, offset, in_features, spec.bits, spec.symbol_width, isa
-    )
+    return torch.ops.optimum_splitquant.dequantize.default(packed, scale, offset, in_features, bits, width, isa)
 
 
 def linear(
@@ -163,14 +164,13 @@ def linear(
     offset: torch.Tensor,
     bias: torch.Tensor | None,
     in_features: int,
-    spec: QuantSpec,
+    bits: int,
+    width: int,
     isa: int = -1,
 ) -> torch.Tensor:
     """``x @ W.T + bias`` for fp32 ``x`` of shape ``(tokens, in_features)``, straight from the packed rows."""
     _require_loaded()
-    return torch.ops.optimum_splitquant.linear.default(
-        x, packed, scale, offset, bias, in_features, spec.bits, spec.symbol_width, isa
-    )
+    return torch.ops.optimum_splitquant.linear.default(x, packed, scale, offset, bias, in_features, bits, width, isa)
 
 
 def kmeans_binned(x: torch.Tensor, k: int) -> torch.Tensor | None:

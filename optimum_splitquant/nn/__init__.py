@@ -2,6 +2,7 @@
 
 from .branches import SplitBranches, SplitConv1D, SplitConv2d, SplitLinear
 from .channel_split import ChannelSplitLinear
+from .compact import SplitQuantModule, disable_weight_cache, enable_weight_cache
 from .conv import SplitQuantConv2d
 from .linear import SplitQuantLinear
 
@@ -13,4 +14,7 @@ __all__ = [
     "SplitLinear",
     "SplitQuantConv2d",
     "SplitQuantLinear",
+    "SplitQuantModule",
+    "disable_weight_cache",
+    "enable_weight_cache",
 ]

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .conv import conv2d_settings
+
 __all__ = ["SplitBranches", "SplitConv1D", "SplitConv2d", "SplitLinear"]
 
 
@@ -190,18 +192,7 @@ class SplitConv2d(SplitBranches):
 
     @classmethod
     def _branch_like(cls, layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Conv2d:
-        branch = nn.Conv2d(
-            layer.in_channels,
-            layer.out_channels,
-            layer.kernel_size,
-            layer.stride,
-            layer.padding,
-            layer.dilation,
-            layer.groups,
-            bias is not None,
-            layer.padding_mode,
-            device="meta",
-        )
+        branch = nn.Conv2d(**conv2d_settings(layer), bias=bias is not None, device="meta")
         return _fill(branch, weight, bias)
 
 

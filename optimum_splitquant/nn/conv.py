@@ -1,48 +1,52 @@
-"""``SplitQuantConv2d``: a 2-D convolution stored in SplitQuant's compact form.
+"""``SplitQuantConv2d``: an ``nn.Conv2d`` stored in SplitQuant's compact form.
 
-A convolution is a linear layer over unfolded patches: each output channel's kernel
-``weight[o]`` of shape ``(in_channels / groups, kh, kw)`` is one row of length
-``K = in_channels / groups * kh * kw``. The kernel is quantized exactly like a
-:class:`~optimum_splitquant.nn.SplitQuantLinear` weight of shape ``(out_channels, K)`` (flattened
-in ``weight.reshape(out_channels, -1)`` order), so ``clustering="channel"`` clusters each output
-kernel on its own (the paper's choice for Conv2d) and ``"tensor"`` clusters the whole weight.
+Each output kernel is one row of ``K = in_channels / groups * kh * kw`` weights, flattened in
+``weight.reshape(out_channels, -1)`` order, and stores the tensors of
+:mod:`optimum_splitquant.checkpoint.format` with ``rows = out_channels`` and ``width = K``
+(``in_features = K``, ``out_features = out_channels``). So ``clustering="channel"`` clusters each
+output kernel on its own (the paper's choice for Conv2d) and ``"tensor"`` the whole weight.
 
-Stored tensors (names as in ``state_dict``; ``k = num_clusters``, ``G = K / group_size`` or 1,
-``w = bits + ceil(log2 k)``):
-
-========================  ==================  ============================================
-name                      dtype               shape
-========================  ==================  ============================================
-``weight_packed``         ``uint8``           ``(out_channels, ceil(K / 8) * w)``
-``weight_scale``          scale dtype (fp16)  ``(out_channels, G, k)``
-``weight_offset``         scale dtype (fp16)  ``(out_channels, G, k)``
-``bias`` (parameter)      float               ``(out_channels,)``, only if the layer has one
-========================  ==================  ============================================
-
-The layout of ``weight_packed`` and the dequantization rule are those of
-:mod:`optimum_splitquant.core.quantize`. ``stride``, ``padding``, ``dilation``, ``groups`` and
-``padding_mode`` are not stored: they come from the model's config, which rebuilds the layer.
-The class subclasses ``SplitQuantLinear`` (``in_features = K``, ``out_features = out_channels``)
-so size accounting, validation and the loader treat both the same way; only the weight layout
-and the forward pass differ.
+``stride``, ``padding``, ``dilation``, ``groups`` and ``padding_mode`` are not stored: they come
+from the model's config, which rebuilds the layer. The forward pass dequantizes the kernel and
+runs one ``F.conv2d``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from ..core.quantize import quantize_weight
 from ..core.spec import QuantSpec
-from .linear import SplitQuantLinear
+from .compact import SplitQuantModule
 
-__all__ = ["SplitQuantConv2d"]
+__all__ = ["SplitQuantConv2d", "conv2d_settings"]
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
-class SplitQuantConv2d(SplitQuantLinear):
+def conv2d_settings(module: nn.Module) -> dict[str, Any]:
+    """The geometry of a Conv2d-like ``module`` as ``nn.Conv2d`` keyword arguments (bias excluded)."""
+    return {
+        "in_channels": module.in_channels,
+        "out_channels": module.out_channels,
+        "kernel_size": module.kernel_size,
+        "stride": module.stride,
+        "padding": module.padding,
+        "dilation": module.dilation,
+        "groups": module.groups,
+        "padding_mode": module.padding_mode,
+    }
+
+
+class SplitQuantConv2d(SplitQuantModule):
     """``nn.Conv2d`` whose kernels are split into clusters and quantized per cluster (one convolution)."""
+
+    source = "conv2d"
+    _weight_noun = "kernel"
 
     def __init__(
         self,
@@ -63,12 +67,11 @@ class SplitQuantConv2d(SplitQuantLinear):
     ) -> None:
         if groups < 1 or in_channels % groups or out_channels % groups:
             raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
-        if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+        if padding_mode not in PADDING_MODES:
             raise ValueError(f"unsupported padding_mode {padding_mode!r}")
         kernel_size = _pair(kernel_size)
         width = in_channels // groups * kernel_size[0] * kernel_size[1]
         super().__init__(width, out_channels, bias, spec=spec, device=device, dtype=dtype)
-        self.source = "conv2d"
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = kernel_size
@@ -78,70 +81,40 @@ class SplitQuantConv2d(SplitQuantLinear):
         self.groups = groups
         self.padding_mode = padding_mode
         if float_weight:
-            self._parameters["weight"] = nn.Parameter(
-                torch.empty(self.kernel_shape, device=device, dtype=dtype), requires_grad=False
-            )
+            self._add_float_placeholder(device, dtype)
 
     @property
     def kernel_shape(self) -> tuple[int, int, int, int]:
         """Shape of the float weight: ``(out_channels, in_channels / groups, kh, kw)``."""
         return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
 
+    float_shape = kernel_shape
+
     @classmethod
-    def from_float(
-        cls, module: nn.Conv2d, spec: QuantSpec, *, source: str = "conv2d", ids: torch.Tensor | None = None
-    ) -> SplitQuantConv2d:
+    def from_float(cls, module: nn.Conv2d, spec: QuantSpec, *, ids: torch.Tensor | None = None) -> SplitQuantConv2d:
         """Quantize a float ``nn.Conv2d``; ``ids`` (shape ``(out_channels, K)``) overrides the clustering."""
         if not isinstance(module, nn.Conv2d):
             raise TypeError(f"expected an nn.Conv2d, got {type(module).__name__}")
-        if source != "conv2d":
-            raise ValueError(f"SplitQuantConv2d only replaces nn.Conv2d (source='conv2d'), got source={source!r}")
         weight = module.weight.detach()
         layer = cls(
-            module.in_channels,
-            module.out_channels,
-            module.kernel_size,
-            module.stride,
-            module.padding,
-            module.dilation,
-            module.groups,
-            module.bias is not None,
-            module.padding_mode,
-            spec=spec,
-            device=weight.device,
-            dtype=weight.dtype,
+            **conv2d_settings(module), bias=module.bias is not None, spec=spec, device=weight.device, dtype=weight.dtype
         )
-        if module.bias is not None:
-            layer.bias.data.copy_(module.bias.detach())
+        layer._copy_bias(module)
         layer.quantize_(weight, ids=ids)
         return layer
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The float kernel ``(out_channels, in_channels / groups, kh, kw)``, dequantized on each access (a copy)."""
-        placeholder = self._parameters.get("weight")
-        if placeholder is not None:
-            return placeholder
-        return self.dequantize_kernel(self.bias.dtype if self.bias is not None else torch.float32)
+    def _rows(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.reshape(self.out_features, self.in_features)
 
-    def quantize_(self, weight: torch.Tensor, ids: torch.Tensor | None = None) -> None:
-        """Quantize a float kernel of :attr:`kernel_shape` into the buffers; drops the float weight."""
-        if tuple(weight.shape) != self.kernel_shape:
-            raise ValueError(f"expected a kernel of shape {self.kernel_shape}, got {tuple(weight.shape)}")
-        q = quantize_weight(weight.detach().reshape(self.out_features, self.in_features), self.spec, ids=ids)
-        self.clear_weight_cache_()
-        self.weight_packed = q.packed.to(weight.device)
-        self.weight_scale = q.scale.to(weight.device)
-        self.weight_offset = q.offset.to(weight.device)
-        self._parameters.pop("weight", None)
+    def _from_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows.reshape(self.kernel_shape)
 
     def dequantize_kernel(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float kernel this layer convolves with."""
-        return self.dequantize_weight(dtype).reshape(self.kernel_shape)
+        return self._from_rows(self.dequantize_weight(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.is_quantized:
-            raise RuntimeError("SplitQuantConv2d was never given its weight: call quantize_() or load a checkpoint")
+        self._check_quantized()
         bias = None if self.bias is None else self.bias.to(x.dtype)
         weight = self.dequantize_kernel(x.dtype)
         if self.padding_mode != "zeros":
@@ -152,25 +125,11 @@ class SplitQuantConv2d(SplitQuantLinear):
     def dequantize(self, dtype: torch.dtype | None = None) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` holding the dequantized kernel (and the float bias)."""
         if dtype is None:
-            dtype = self.bias.dtype if self.bias is not None else torch.float32
+            dtype = self._float_dtype()
         layer = nn.Conv2d(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            self.stride,
-            self.padding,
-            self.dilation,
-            self.groups,
-            self.bias is not None,
-            self.padding_mode,
-            device=self.weight_packed.device,
-            dtype=dtype,
+            **conv2d_settings(self), bias=self.bias is not None, device=self.weight_packed.device, dtype=dtype
         )
-        with torch.no_grad():
-            layer.weight.copy_(self.dequantize_kernel(dtype))
-            if self.bias is not None:
-                layer.bias.copy_(self.bias)
-        return layer
+        return self._filled(layer, self.dequantize_kernel(dtype))
 
     def _reversed_padding(self) -> list[int]:
         """``F.pad`` amounts (left, right, top, bottom), as ``nn.Conv2d`` computes them."""
@@ -186,10 +145,8 @@ class SplitQuantConv2d(SplitQuantLinear):
         return [pw, pw, ph, ph]
 
     def extra_repr(self) -> str:
-        s = self.spec
-        group = "row" if s.group_size is None else s.group_size
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, bias={self.bias is not None}, "
-            f"bits={s.bits}, num_clusters={s.num_clusters}, group={group}, clustering={s.clustering}"
+            f"{self._settings_repr()}"
         )

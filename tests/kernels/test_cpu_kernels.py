@@ -93,7 +93,7 @@ def test_dequantize_is_bit_identical(spec: QuantSpec, shape: tuple[int, int], is
     q = quantized(spec, *shape)
     ref = dequantize_weight(q.packed, q.scale, q.offset, q.in_features, spec)
     for isa in isas:
-        out = kernels.dequantize(q.packed, q.scale, q.offset, q.in_features, spec, isa=isa)
+        out = kernels.dequantize(q.packed, q.scale, q.offset, q.in_features, spec.bits, spec.symbol_width, isa=isa)
         assert out.dtype == torch.float32 and out.shape == shape
         assert torch.equal(out, ref), f"isa {kernels.ISA_NAMES[isa]}"
 
@@ -112,7 +112,7 @@ def test_linear_matches_dequantize_then_matmul(
     ref = F.linear(x, w, b)
     bound = fp32_sum_bound(x, w, b)
     for isa in isas:
-        y = kernels.linear(x, q.packed, q.scale, q.offset, b, q.in_features, spec, isa=isa)
+        y = kernels.linear(x, q.packed, q.scale, q.offset, b, q.in_features, spec.bits, spec.symbol_width, isa=isa)
         assert y.shape == ref.shape and y.dtype == torch.float32
         assert bool(((y - ref).abs() <= bound).all()), f"isa {kernels.ISA_NAMES[isa]}: {(y - ref).abs().max()}"
 
@@ -123,11 +123,15 @@ def test_token_results_do_not_depend_on_the_batch(spec: QuantSpec, isas: list[in
     q = quantized(spec, 37, 160)
     x = torch.randn(7, 160, generator=torch.Generator().manual_seed(2))
     for isa in isas:
-        whole = kernels.linear(x, q.packed, q.scale, q.offset, None, 160, spec, isa=isa)
+        whole = kernels.linear(x, q.packed, q.scale, q.offset, None, 160, spec.bits, spec.symbol_width, isa=isa)
         for m in range(7):
-            one = kernels.linear(x[m : m + 1], q.packed, q.scale, q.offset, None, 160, spec, isa=isa)
+            one = kernels.linear(
+                x[m : m + 1], q.packed, q.scale, q.offset, None, 160, spec.bits, spec.symbol_width, isa=isa
+            )
             assert torch.equal(one[0], whole[m])
-        assert torch.equal(kernels.linear(x, q.packed, q.scale, q.offset, None, 160, spec, isa=isa), whole)
+        assert torch.equal(
+            kernels.linear(x, q.packed, q.scale, q.offset, None, 160, spec.bits, spec.symbol_width, isa=isa), whole
+        )
 
 
 def test_large_layer_uses_threads_and_stays_exact(isas: list[int]) -> None:
@@ -135,19 +139,23 @@ def test_large_layer_uses_threads_and_stays_exact(isas: list[int]) -> None:
     spec = QuantSpec(2, 3)
     q = quantized(spec, 1100, 1000)
     ref = dequantize_weight(q.packed, q.scale, q.offset, 1000, spec)
-    assert torch.equal(kernels.dequantize(q.packed, q.scale, q.offset, 1000, spec), ref)
+    assert torch.equal(kernels.dequantize(q.packed, q.scale, q.offset, 1000, spec.bits, spec.symbol_width), ref)
     x = torch.randn(3, 1000, generator=torch.Generator().manual_seed(0))
-    y = kernels.linear(x, q.packed, q.scale, q.offset, None, 1000, spec)
+    y = kernels.linear(x, q.packed, q.scale, q.offset, None, 1000, spec.bits, spec.symbol_width)
     assert bool(((y - F.linear(x, ref)).abs() <= fp32_sum_bound(x, ref, None)).all())
 
 
 def test_empty_shapes(isas: list[int]) -> None:
     spec = QuantSpec(2, 3)
     q = quantize_weight(torch.zeros(0, 16), spec)
-    assert kernels.dequantize(q.packed, q.scale, q.offset, 16, spec).shape == (0, 16)
-    assert kernels.linear(torch.randn(2, 16), q.packed, q.scale, q.offset, None, 16, spec).shape == (2, 0)
+    assert kernels.dequantize(q.packed, q.scale, q.offset, 16, spec.bits, spec.symbol_width).shape == (0, 16)
+    assert kernels.linear(
+        torch.randn(2, 16), q.packed, q.scale, q.offset, None, 16, spec.bits, spec.symbol_width
+    ).shape == (2, 0)
     q = quantized(spec, 4, 16)
-    assert kernels.linear(torch.zeros(0, 16), q.packed, q.scale, q.offset, None, 16, spec).shape == (0, 4)
+    assert kernels.linear(
+        torch.zeros(0, 16), q.packed, q.scale, q.offset, None, 16, spec.bits, spec.symbol_width
+    ).shape == (0, 4)
 
 
 def test_invalid_cluster_ids_read_as_zero(isas: list[int]) -> None:
@@ -156,22 +164,26 @@ def test_invalid_cluster_ids_read_as_zero(isas: list[int]) -> None:
     q = quantized(spec, 4, 32)
     packed = torch.full_like(q.packed, 0xFF)  # every symbol = id 3, code 3
     for isa in isas:
-        assert torch.equal(kernels.dequantize(packed, q.scale, q.offset, 32, spec, isa=isa), torch.zeros(4, 32)), (
-            kernels.ISA_NAMES[isa]
-        )
+        assert torch.equal(
+            kernels.dequantize(packed, q.scale, q.offset, 32, spec.bits, spec.symbol_width, isa=isa), torch.zeros(4, 32)
+        ), kernels.ISA_NAMES[isa]
 
 
 def test_bad_arguments_raise(isas: list[int]) -> None:
     spec = QuantSpec(2, 3)
     q = quantized(spec, 4, 32)
     with pytest.raises(RuntimeError, match="float32"):
-        kernels.linear(torch.randn(1, 32, dtype=torch.float64), q.packed, q.scale, q.offset, None, 32, spec)
+        kernels.linear(
+            torch.randn(1, 32, dtype=torch.float64), q.packed, q.scale, q.offset, None, 32, spec.bits, spec.symbol_width
+        )
     with pytest.raises(RuntimeError, match="in_features"):
-        kernels.linear(torch.randn(1, 31), q.packed, q.scale, q.offset, None, 32, spec)
+        kernels.linear(torch.randn(1, 31), q.packed, q.scale, q.offset, None, 32, spec.bits, spec.symbol_width)
     with pytest.raises(RuntimeError, match="row bytes"):
-        kernels.dequantize(q.packed, q.scale, q.offset, 40, spec)
+        kernels.dequantize(q.packed, q.scale, q.offset, 40, spec.bits, spec.symbol_width)
     with pytest.raises(RuntimeError, match="bias"):
-        kernels.linear(torch.randn(1, 32), q.packed, q.scale, q.offset, torch.zeros(5), 32, spec)
+        kernels.linear(
+            torch.randn(1, 32), q.packed, q.scale, q.offset, torch.zeros(5), 32, spec.bits, spec.symbol_width
+        )
 
 
 def test_fake_implementations_give_shapes(isas: list[int]) -> None:
@@ -181,6 +193,6 @@ def test_fake_implementations_give_shapes(isas: list[int]) -> None:
     q = quantized(spec, 6, 24)
     with FakeTensorMode() as mode:
         packed, scale, offset = (mode.from_tensor(t) for t in (q.packed, q.scale, q.offset))
-        assert kernels.dequantize(packed, scale, offset, 24, spec).shape == (6, 24)
+        assert kernels.dequantize(packed, scale, offset, 24, spec.bits, spec.symbol_width).shape == (6, 24)
         x = mode.from_tensor(torch.randn(3, 24))
-        assert kernels.linear(x, packed, scale, offset, None, 24, spec).shape == (3, 6)
+        assert kernels.linear(x, packed, scale, offset, None, 24, spec.bits, spec.symbol_width).shape == (3, 6)

@@ -70,7 +70,7 @@ def test_failed_build_falls_back_with_a_warning(
     with torch.no_grad():
         assert torch.equal(q(x), expected)
     with pytest.raises(RuntimeError, match="not available"):
-        kernels.dequantize(q.weight_packed, q.weight_scale, q.weight_offset, 40, SPEC)
+        kernels.dequantize(q.weight_packed, q.weight_scale, q.weight_offset, 40, SPEC.bits, SPEC.symbol_width)
 
 
 def test_require_mode_raises_when_the_build_fails(monkeypatch: pytest.MonkeyPatch, fresh_load) -> None:

@@ -17,15 +17,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from optimum_splitquant import SplitQuantConfig, quantize_model
 from optimum_splitquant.core import QuantSpec, assign_clusters, decode_symbols, kmeans_1d
-from optimum_splitquant.nn import SplitBranches, SplitConv1D, SplitConv2d, SplitLinear, SplitQuantLinear
-from optimum_splitquant.replace import quantized_from_float, set_submodule
-from optimum_splitquant.split import (
+from optimum_splitquant.edge.split import (
     dequantize_to_split,
     layer_cluster_ids,
     merge_split,
     split_layer,
     split_model,
 )
+from optimum_splitquant.layers import quantize_layer, set_submodule
+from optimum_splitquant.nn import SplitBranches, SplitConv1D, SplitConv2d, SplitLinear, SplitQuantModule
 
 REL_TOL = 1e-5
 
@@ -92,7 +92,7 @@ def test_minilm_split_is_equivalent_and_reported(minilm, minilm_split):
 def test_minilm_split_agrees_with_quantizer_on_every_cluster(minilm, minilm_split):
     model, _, _ = minilm
     quantized = quantize_model(copy.deepcopy(model), SplitQuantConfig(bits=2))
-    layers = {n: m for n, m in quantized.named_modules() if isinstance(m, SplitQuantLinear)}
+    layers = {n: m for n, m in quantized.named_modules() if isinstance(m, SplitQuantModule)}
     assert set(layers) == set(minilm_split.split_report.split)
     for name, q in layers.items():
         q_ids, _ = decode_symbols(q.weight_packed, q.in_features, q.spec)
@@ -226,7 +226,7 @@ def test_all_zero_bias_does_not_stop_the_weight_split():
 
 def test_layer_with_fewer_weights_than_clusters_is_reported_not_skipped_silently(caplog):
     model = nn.Sequential(nn.Linear(1, 2), nn.Linear(2, 8), nn.Linear(8, 3))
-    with caplog.at_level("INFO", logger="optimum_splitquant.split"):
+    with caplog.at_level("INFO", logger="optimum_splitquant.edge.split"):
         split_model(model, num_clusters=3, modules_to_not_convert=[])
     report = model.split_report
     assert report.not_split == {"0": "fewer weights than clusters (2 < 3)"}
@@ -294,7 +294,7 @@ def test_dequantize_to_split_matches_the_quantized_model(name):
     if name == "conv":
         model = tiny_conv_model()
         for layer_name in ("0", "2", "4", "7"):
-            set_submodule(model, layer_name, quantized_from_float(model.get_submodule(layer_name), spec_cfg.to_spec()))
+            set_submodule(model, layer_name, quantize_layer(model.get_submodule(layer_name), spec_cfg.to_spec()))
         x = {"input": torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(3))}
         run = lambda m: m(x["input"])  # noqa: E731
     else:
@@ -302,14 +302,14 @@ def test_dequantize_to_split_matches_the_quantized_model(name):
         ids = torch.tensor([[5, 7, 9, 11, 13, 2], [3, 4, 5, 6, 0, 0]])
         mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
         run = lambda m: m(input_ids=ids, attention_mask=mask)[0]  # noqa: E731
-    quantized = {n: m for n, m in model.named_modules() if isinstance(m, SplitQuantLinear)}
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, SplitQuantModule)}
     assert quantized
     with torch.no_grad():
         ref = run(model)
     weights = {n: q.weight.detach().clone() for n, q in quantized.items()}
     packed_ids = {n: decode_symbols(q.weight_packed, q.in_features, q.spec)[0] for n, q in quantized.items()}
     dequantize_to_split(model)
-    assert not any(isinstance(m, SplitQuantLinear) for m in model.modules())
+    assert not any(isinstance(m, SplitQuantModule) for m in model.modules())
     assert getattr(model, "hf_quantizer", None) is None
     expected_type = {"bert": SplitLinear, "gpt2": SplitConv1D}.get(name)
     for n in quantized:
@@ -344,5 +344,5 @@ def test_spec_bits_do_not_change_clusters():
     layer = _make_layer("linear", True)
     ids = layer_cluster_ids(layer, 3, "tensor")[0]
     for bits in (2, 4, 8):
-        q = quantized_from_float(layer, QuantSpec(bits, 3))
+        q = quantize_layer(layer, QuantSpec(bits, 3))
         assert torch.equal(decode_symbols(q.weight_packed, q.in_features, q.spec)[0], ids)

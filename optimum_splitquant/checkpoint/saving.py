@@ -9,10 +9,14 @@ at the target path, never a mixture.
 A plain ``model.save_pretrained(dir)`` writes in place (that is transformers' code). If it is
 interrupted, SplitQuant's load-time checks refuse the mixture: a truncated file, shards of two
 different saves, or a ``config.json`` from another save are clear errors.
+
+``staged_folder`` is the same swap for any folder written in steps (a converted model, a cached
+build): write into the folder it yields; it takes the target's place only if the block succeeds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
@@ -20,10 +24,11 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["save_pretrained_atomic"]
+__all__ = ["save_pretrained_atomic", "staged_folder"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,22 +45,33 @@ def save_pretrained_atomic(model: Any, save_directory: str | os.PathLike, *extra
     target = Path(save_directory)
     if target.exists() and not target.is_dir():
         raise ValueError(f"{target} exists and is not a folder")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
-    try:
+    with staged_folder(target) as staging:
         model.save_pretrained(staging, **kwargs)
         for obj in extra:
             obj.save_pretrained(staging)
         if target.exists():
             _carry_over(target, staging)
-            _swap(staging, target)
-            shutil.rmtree(staging, ignore_errors=True)  # now holds the previous checkpoint
+    return target
+
+
+@contextlib.contextmanager
+def staged_folder(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh empty folder next to ``target``; when the block succeeds it becomes ``target``.
+
+    A previous ``target`` folder is exchanged out (atomically where the OS allows) and removed;
+    if the block raises, the staging folder is removed and ``target`` is left as it was.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
+    try:
+        yield staging
+        if target.exists():
+            _swap(staging, target)  # afterwards staging holds the previous folder, removed below
         else:
             os.replace(staging, target)
-    except BaseException:
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
 
 
 def _carry_over(old: Path, new: Path) -> None:

@@ -16,7 +16,7 @@ from transformers import (
     LlamaConfig,
 )
 
-from optimum_splitquant import SplitQuantLinear
+from optimum_splitquant.nn import SplitQuantModule
 
 VOCAB = 30522  # the MiniLM (bert-base-uncased) tokenizer drives every tiny model
 
@@ -77,8 +77,8 @@ def run(model, inputs) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
-def quantized_layers(model) -> dict[str, SplitQuantLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, SplitQuantLinear)}
+def quantized_layers(model) -> dict[str, SplitQuantModule]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, SplitQuantModule)}
 
 
 def rewrite_weights(folder: Path, edit) -> None:

@@ -20,7 +20,7 @@ from transformers.pytorch_utils import Conv1D
 
 import optimum_splitquant
 from optimum_splitquant import SplitQuantConfig, size_report
-from optimum_splitquant.checkpoint import METADATA_FORMAT_KEY
+from optimum_splitquant.checkpoint.format import METADATA_FORMAT_KEY
 
 HEADS = {"bert-base": "pooler.dense", "bert-seqcls": "classifier", "gpt2-lm": "lm_head", "llama-lm": "lm_head"}
 
@@ -296,7 +296,7 @@ def test_tied_output_embeddings_are_never_quantized(tiny_dirs):
 def test_registration_survives_reimport():
     from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
-    importlib.reload(importlib.import_module("optimum_splitquant._registration")).register()
+    importlib.reload(importlib.import_module("optimum_splitquant.hf.registration")).register()
     optimum_splitquant._register()
     assert AUTO_QUANTIZATION_CONFIG_MAPPING["splitquant"] is optimum_splitquant.SplitQuantConfig
     assert AUTO_QUANTIZER_MAPPING["splitquant"] is optimum_splitquant.SplitQuantHfQuantizer

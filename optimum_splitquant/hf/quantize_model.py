@@ -7,10 +7,9 @@ import logging
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..layers import eligible_layers, quantize_layer, resolve_modules_to_not_convert, set_submodule
 from .config import SplitQuantConfig
-from .nn.linear import SplitQuantLinear
 from .quantizer import SplitQuantHfQuantizer
-from .replace import eligible_layers, layer_dims, resolve_modules_to_not_convert, set_submodule
 
 __all__ = ["quantize_model"]
 
@@ -18,7 +17,7 @@ logger = logging.getLogger(__name__)
 
 
 def quantize_model(model: nn.Module, config: SplitQuantConfig | None = None, *, progress: bool = False) -> nn.Module:
-    """Replace the eligible layers of a float transformers model by ``SplitQuantLinear``, in place.
+    """Replace the eligible layers of a float transformers model by SplitQuant layers, in place.
 
     The model afterwards saves with ``save_pretrained`` / ``push_to_hub`` exactly like one
     quantized through ``from_pretrained(..., quantization_config=config)``.
@@ -30,9 +29,8 @@ def quantize_model(model: nn.Module, config: SplitQuantConfig | None = None, *, 
     kept = set(resolve_modules_to_not_convert(model, qconfig.modules_to_not_convert))
     todo = [(n, m) for n, m in eligible_layers(model).items() if n not in kept]
     for name, module in tqdm(todo, desc="SplitQuant", unit="layer", disable=not progress):
-        _, _, source = layer_dims(module)
         try:
-            layer = SplitQuantLinear.from_float(module, quantizer.spec, source=source)
+            layer = quantize_layer(module, quantizer.spec)
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
         set_submodule(model, name, layer)

@@ -16,20 +16,15 @@ from typing import Any
 
 from safetensors import safe_open
 
+from .format import METADATA_FORMAT_KEY, METADATA_SAVE_ID_KEY, METADATA_SETTINGS_KEY, PACKED, TensorLayout
+
 __all__ = [
-    "METADATA_FORMAT_KEY",
-    "METADATA_SAVE_ID_KEY",
-    "METADATA_SETTINGS_KEY",
     "CheckpointIndex",
     "TensorInfo",
     "check_consistency",
     "header_metadata",
     "read_checkpoint_index",
 ]
-
-METADATA_FORMAT_KEY = "splitquant_format_version"
-METADATA_SAVE_ID_KEY = "splitquant_save_id"
-METADATA_SETTINGS_KEY = "splitquant_settings"
 
 
 @dataclass(frozen=True)
@@ -48,10 +43,29 @@ class CheckpointIndex:
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
     metadata: dict[str, dict[str, str]] = field(default_factory=dict)
 
-    def module_names_with(self, suffix: str) -> set[str]:
-        """Names of modules that own a tensor called ``suffix`` (e.g. ``"weight_packed"``)."""
-        tail = "." + suffix
+    def quantized_modules(self) -> set[str]:
+        """Names of the modules stored in SplitQuant form (those owning a ``weight_packed`` tensor)."""
+        tail = f".{PACKED}"
         return {name[: -len(tail)] for name in self.tensors if name.endswith(tail)}
+
+    def check_layer(self, name: str, expected: dict[str, TensorLayout], layer: str, settings: str) -> None:
+        """Raise ``ValueError`` unless module ``name`` stores exactly the ``expected`` tensors.
+
+        ``layer`` describes the model's layer and ``settings`` the quantization settings, for the message.
+        """
+        for tensor, want in expected.items():
+            key = f"{name}.{tensor}"
+            info = self.tensors.get(key)
+            if info is None:
+                raise ValueError(f"SplitQuant checkpoint is missing tensor {key!r}; the checkpoint is incomplete")
+            if info.shape != want.shape or info.dtype not in want.file_dtypes:
+                raise ValueError(
+                    f"tensor {key!r} in {info.file} has shape {list(info.shape)} and dtype {info.dtype}; "
+                    f"expected shape {list(want.shape)} and dtype in {list(want.file_dtypes)} for {layer} "
+                    f"with {settings}"
+                )
+        if f"{name}.weight" in self.tensors:
+            raise ValueError(f"checkpoint holds both a float {name}.weight and SplitQuant tensors for {name!r}")
 
     def format_versions(self) -> set[str]:
         """The SplitQuant format versions recorded in the file headers (empty if none)."""
@@ -74,7 +88,7 @@ def header_metadata(format_version: int, settings: dict[str, Any]) -> dict[str, 
 
 def check_consistency(index: CheckpointIndex, supported_version: int, settings: dict[str, Any]) -> None:
     """Raise ``ValueError`` unless every file holding SplitQuant tensors belongs to one save with ``settings``."""
-    files_with_q = {info.file for key, info in index.tensors.items() if key.endswith(".weight_packed")}
+    files_with_q = {info.file for key, info in index.tensors.items() if key.endswith(f".{PACKED}")}
     if not files_with_q:
         raise ValueError(
             "config.json declares quant_method 'splitquant' but the checkpoint holds no SplitQuant tensors "

@@ -30,12 +30,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .core.quantize import cluster_ids, split_branches
-from .core.spec import MAX_CLUSTERS, QuantSpec
-from .nn.branches import SplitBranches, SplitConv1D, SplitConv2d, SplitLinear
-from .nn.conv import SplitQuantConv2d
-from .nn.linear import SplitQuantLinear
-from .replace import eligible_layers, layer_dims, resolve_modules_to_not_convert, set_submodule
+from ..core.quantize import cluster_ids, split_branches
+from ..core.spec import QuantSpec, check_num_clusters
+from ..layers import LayerKind, eligible_layers, layer_kind, resolve_modules_to_not_convert, set_submodule
+from ..nn.branches import SplitBranches
+from ..nn.compact import SplitQuantModule
 
 __all__ = [
     "SplitReport",
@@ -48,8 +47,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_SPLIT_CLASSES: dict[str, type[SplitBranches]] = {"linear": SplitLinear, "conv1d": SplitConv1D, "conv2d": SplitConv2d}
-_PAPER_CLUSTERING = {"linear": "tensor", "conv1d": "tensor", "conv2d": "channel"}
 # Bits play no part in clustering; QuantSpec needs a valid value.
 _ANY_BITS = 8
 
@@ -81,15 +78,8 @@ class SplitReport:
         return "\n".join(lines)
 
 
-def _row_view(layer: nn.Module, source: str) -> torch.Tensor:
-    w = layer.weight.detach()
-    if source == "conv1d":
-        return w.t()
-    return w.reshape(w.shape[0], -1)
-
-
-def _resolve_clustering(clustering: str | None, source: str) -> str:
-    return _PAPER_CLUSTERING[source] if clustering is None else clustering
+def _resolve_clustering(clustering: str | None, kind: LayerKind) -> str:
+    return kind.paper_clustering if clustering is None else clustering
 
 
 def _bias_ids(bias: torch.Tensor | None, num_clusters: int) -> torch.Tensor | None:
@@ -103,21 +93,19 @@ def layer_cluster_ids(
     layer: nn.Module, num_clusters: int = 3, clustering: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Cluster ids (int64) of ``layer``'s weight (in its own layout) and bias (``None`` without one)."""
-    _, _, source = layer_dims(layer)
-    spec = QuantSpec(bits=_ANY_BITS, num_clusters=num_clusters, clustering=_resolve_clustering(clustering, source))
-    rows = _row_view(layer, source)
-    ids = cluster_ids(rows, spec)
-    weight_ids = ids.t() if source == "conv1d" else ids.reshape(layer.weight.shape)
-    return weight_ids, _bias_ids(getattr(layer, "bias", None), num_clusters)
+    kind = _kind(layer)
+    spec = QuantSpec(bits=_ANY_BITS, num_clusters=num_clusters, clustering=_resolve_clustering(clustering, kind))
+    ids = cluster_ids(kind.rows(layer.weight.detach()), spec)
+    return kind.from_rows(ids, layer.weight.shape), _bias_ids(getattr(layer, "bias", None), num_clusters)
 
 
 def split_layer(layer: nn.Module, num_clusters: int = 3, clustering: str | None = None) -> SplitBranches:
     """Split one ``nn.Linear`` / ``Conv1D`` / ``nn.Conv2d`` into its explicit branch module."""
-    _, _, source = layer_dims(layer)
+    kind = _kind(layer)
     if layer.weight.is_meta:
         raise ValueError("cannot split a layer whose weight is on the meta device; load the weights first")
     weight_ids, bias_ids = layer_cluster_ids(layer, num_clusters, clustering)
-    return _SPLIT_CLASSES[source].from_ids(layer, weight_ids, bias_ids, num_clusters)
+    return kind.split_type.from_ids(layer, weight_ids, bias_ids, num_clusters)
 
 
 def split_model(
@@ -139,8 +127,7 @@ def split_model(
     Returns:
         The same ``model``; ``model.split_report`` holds the :class:`SplitReport` (also logged).
     """
-    if not isinstance(num_clusters, int) or isinstance(num_clusters, bool) or not 1 <= num_clusters <= MAX_CLUSTERS:
-        raise ValueError(f"num_clusters must be an integer in [1, {MAX_CLUSTERS}], got {num_clusters!r}")
+    check_num_clusters(num_clusters)
     if clustering not in (None, "tensor", "channel"):
         raise ValueError(f"clustering must be None, 'tensor' or 'channel', got {clustering!r}")
     if any(isinstance(m, SplitBranches) for m in model.modules()):
@@ -159,7 +146,7 @@ def split_model(
     )
     report = SplitReport(num_clusters=num_clusters)
     for name, layer in eligible_layers(model).items():
-        _, _, source = layer_dims(layer)
+        kind = layer_kind(layer)
         if name in kept:
             report.not_split[name] = kept_reason
             continue
@@ -171,7 +158,7 @@ def split_model(
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
         set_submodule(model, name, new)
-        report.split[name] = f"{source} ({_resolve_clustering(clustering, source)})"
+        report.split[name] = f"{kind.name} ({_resolve_clustering(clustering, kind)})"
     for name, module in model.named_modules():
         if name in report.split or name in report.not_split or isinstance(module, SplitBranches):
             continue
@@ -205,7 +192,7 @@ def dequantize_to_split(model: nn.Module, dtype: torch.dtype | None = None) -> n
     """
     count = 0
     for name, module in list(model.named_modules()):
-        if not isinstance(module, SplitQuantLinear):
+        if not isinstance(module, SplitQuantModule):
             continue
         set_submodule(model, name, _quantized_to_split(module, dtype))
         count += 1
@@ -216,9 +203,10 @@ def dequantize_to_split(model: nn.Module, dtype: torch.dtype | None = None) -> n
     return model
 
 
-def _quantized_to_split(module: SplitQuantLinear, dtype: torch.dtype | None) -> SplitBranches:
+def _quantized_to_split(module: SplitQuantModule, dtype: torch.dtype | None) -> SplitBranches:
     if dtype is None:
-        dtype = module.bias.dtype if module.bias is not None else torch.float32
+        dtype = module._float_dtype()
+    kind = layer_kind(module)
     rows = split_branches(module.quantized_weight(), module.spec, dtype)
     bias = None if module.bias is None else module.bias.detach().to(dtype)
     bias_ids = _bias_ids(bias, module.spec.num_clusters)
@@ -227,19 +215,13 @@ def _quantized_to_split(module: SplitQuantLinear, dtype: torch.dtype | None) -> 
         if bias is None
         else [torch.where(bias_ids == j, bias, torch.zeros((), dtype=dtype)) for j in range(len(rows))]
     )
-    if isinstance(module, SplitQuantConv2d):
-        template = module.dequantize(dtype)
-        return SplitConv2d.from_branch_weights(template, [r.reshape(module.kernel_shape) for r in rows], biases)
-    if module.source == "conv1d":
-        template = _Conv1DShape(nf=module.out_features, nx=module.in_features)
-        if biases is None:
-            biases = [torch.zeros(module.out_features, dtype=dtype, device=rows[0].device) for _ in rows]
-        return SplitConv1D.from_branch_weights(template, [r.t() for r in rows], biases)
-    template = nn.Linear(module.in_features, module.out_features, bias=bias is not None, device="meta")
-    return SplitLinear.from_branch_weights(template, rows, biases)
+    template = kind.empty_float(module, device="meta")
+    weights = [kind.from_rows(r, template.weight.shape) for r in rows]
+    return kind.split_type.from_branch_weights(template, weights, biases)
 
 
-@dataclass(frozen=True)
-class _Conv1DShape:
-    nf: int
-    nx: int
+def _kind(layer: nn.Module) -> LayerKind:
+    kind = layer_kind(layer)
+    if kind is None or isinstance(layer, SplitQuantModule):
+        raise TypeError(f"cannot split a {type(layer).__name__}: not a Linear/Conv1D/Conv2d layer")
+    return kind

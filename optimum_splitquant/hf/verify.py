@@ -7,10 +7,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import check_consistency, read_checkpoint_index
-from .config import FORMAT_VERSION, QUANT_METHOD, SplitQuantConfig
-from .optimum_quantizer import model_class_for
-from .report import size_report
+from ..checkpoint.format import FORMAT_VERSION
+from ..checkpoint.headers import check_consistency, read_checkpoint_index
+from ..report import size_report
+from .config import QUANT_METHOD, SplitQuantConfig
+from .optimum import model_class_for
 
 __all__ = ["CheckpointReport", "verify_checkpoint"]
 
@@ -46,7 +47,7 @@ def verify_checkpoint(path: str | os.PathLike, *, load: bool = True) -> Checkpoi
         raise ValueError(f"{config_file}: not valid JSON ({exc})") from None
     files = _weight_files(folder)
     index = read_checkpoint_index(folder / f for f in files)
-    quantized = index.module_names_with("weight_packed")
+    quantized = index.quantized_modules()
     qc = config.get("quantization_config")
     if not qc:
         if quantized:

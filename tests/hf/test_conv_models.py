@@ -12,13 +12,15 @@ from transformers import (
     ConvNextForImageClassification,
     ResNetConfig,
     ResNetForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
     pipeline,
 )
 
-from optimum_splitquant import SplitQuantConfig, size_report
+from optimum_splitquant import SplitQuantConfig, quantize_model, size_report
 from optimum_splitquant.core import decode_symbols
-from optimum_splitquant.nn import SplitConv2d, SplitQuantConv2d, SplitQuantLinear
-from optimum_splitquant.split import split_model
+from optimum_splitquant.edge.split import split_model
+from optimum_splitquant.nn import SplitConv2d, SplitQuantConv2d, SplitQuantModule
 
 MODELS = {
     # 3 x 3 convolutions without bias (BatchNorm follows), a 1 x 1 stride-2 shortcut, 7 x 7 stem
@@ -99,7 +101,7 @@ def test_quantize_at_load_save_reload_bit_identical(name, float_dirs, pixels, tm
     assert torch.equal(logits(again, pixels), out)
     assert size_report(again) == size_report(model)
     twin = model.dequantize()
-    assert not any(isinstance(m, SplitQuantLinear) for m in twin.modules())
+    assert not any(isinstance(m, SplitQuantModule) for m in twin.modules())
     assert torch.equal(logits(twin, pixels), out)
 
 
@@ -162,3 +164,42 @@ def test_group_size_must_divide_every_kernel_width(float_dirs):
     # ResNet's stem has 3 * 7 * 7 = 147 weights per kernel: no group of 16 fits
     with pytest.raises((ValueError, RuntimeError), match="group_size"):
         cls.from_pretrained(float_dirs["resnet"], quantization_config=SplitQuantConfig(bits=2, group_size=16))
+
+
+def tiny_vit() -> ViTForImageClassification:
+    """A ViT: one Conv2d patch embedding (4 x 4 patches, stride 4) in front of Linear layers."""
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=32,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=3,
+    )
+    return ViTForImageClassification(config).eval()
+
+
+@pytest.mark.parametrize("name", [*MODELS, "vit"])
+def test_quantize_model_in_memory_quantizes_conv2d_like_load_time(name, float_dirs, pixels, tmp_path):
+    """quantize_model on a model with nn.Conv2d gives the layers and bytes of quantizing at load."""
+    if name == "vit":
+        tiny_vit().save_pretrained(tmp_path / "float")
+        cls, folder = ViTForImageClassification, tmp_path / "float"
+    else:
+        (cls, _), folder = MODELS[name], float_dirs[name]
+    config = SplitQuantConfig(bits=4)
+    at_load = cls.from_pretrained(folder, quantization_config=config).eval()
+    in_memory = quantize_model(cls.from_pretrained(folder).eval(), config)
+    loaded_layers = {n: m for n, m in at_load.named_modules() if isinstance(m, SplitQuantModule)}
+    memory_layers = {n: m for n, m in in_memory.named_modules() if isinstance(m, SplitQuantModule)}
+    assert set(memory_layers) == set(loaded_layers)
+    assert any(isinstance(m, SplitQuantConv2d) for m in memory_layers.values()), "the Conv2d layers are quantized"
+    for n, layer in memory_layers.items():
+        assert type(layer) is type(loaded_layers[n]), n
+        for key, value in layer.state_dict().items():
+            assert torch.equal(value, loaded_layers[n].state_dict()[key]), f"{n}.{key}"
+    assert in_memory.config.quantization_config == at_load.config.quantization_config
+    assert torch.equal(logits(in_memory, pixels), logits(at_load, pixels))

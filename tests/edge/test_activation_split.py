@@ -8,10 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from optimum_splitquant.activation_split import channel_groups, input_channel_ranges, split_activations, target_layers
 from optimum_splitquant.core import assign_clusters, kmeans_1d
+from optimum_splitquant.edge.activation_split import (
+    channel_groups,
+    input_channel_ranges,
+    split_activations,
+    target_layers,
+)
+from optimum_splitquant.edge.split import split_model
 from optimum_splitquant.nn import ChannelSplitLinear, SplitLinear
-from optimum_splitquant.split import split_model
 
 
 class Mlp(nn.Module):

@@ -12,7 +12,7 @@ from optimum.quantization_base import OptimumQuantizer
 from transformers import PreTrainedModel
 
 from .config import SplitQuantConfig
-from .convert import quantize_model
+from .quantize_model import quantize_model
 
 __all__ = ["SplitQuantizer", "model_class_for"]
 

@@ -13,12 +13,12 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .core.spec import CLUSTERINGS, MAX_CLUSTERS, SCALE_DTYPES, SUPPORTED_BITS, QuantSpec
+from ..checkpoint.format import FORMAT_VERSION
+from ..core.spec import CLUSTERINGS, SCALE_DTYPES, SUPPORTED_BITS, QuantSpec, check_num_clusters, int_field
 
 __all__ = ["FORMAT_VERSION", "QUANT_METHOD", "SplitQuantConfig"]
 
 QUANT_METHOD = "splitquant"
-FORMAT_VERSION = 1
 _FIELDS = (
     "bits",
     "num_clusters",
@@ -65,16 +65,12 @@ class SplitQuantConfig(QuantizationConfigMixin):
         if quant_method != QUANT_METHOD:
             raise ValueError(f"quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
         self.quant_method = QUANT_METHOD
-        self.bits = _int_field("bits", bits, allowed=f"one of {SUPPORTED_BITS}")
-        if self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
-        self.num_clusters = _int_field("num_clusters", num_clusters, allowed=f"an integer in [1, {MAX_CLUSTERS}]")
-        if not 1 <= self.num_clusters <= MAX_CLUSTERS:
-            raise ValueError(f"num_clusters must be an integer in [1, {MAX_CLUSTERS}], got {num_clusters!r}")
+        self.bits = int_field("bits", bits, allowed=f"one of {SUPPORTED_BITS}", valid=SUPPORTED_BITS.__contains__)
+        self.num_clusters = check_num_clusters(num_clusters, not_int=TypeError)
         if group_size is not None:
-            group_size = _int_field("group_size", group_size, allowed="None or a positive integer")
-            if group_size < 1:
-                raise ValueError(f"group_size must be None or a positive integer, got {group_size!r}")
+            group_size = int_field(
+                "group_size", group_size, allowed="None or a positive integer", valid=lambda g: g >= 1
+            )
         self.group_size = group_size
         if clustering not in CLUSTERINGS:
             raise ValueError(f"clustering must be one of {CLUSTERINGS}, got {clustering!r}")
@@ -89,7 +85,7 @@ class SplitQuantConfig(QuantizationConfigMixin):
                 )
             modules_to_not_convert = list(modules_to_not_convert)
         self.modules_to_not_convert = modules_to_not_convert
-        version = _int_field("format_version", format_version, allowed=f"an integer <= {FORMAT_VERSION}")
+        version = int_field("format_version", format_version, allowed=f"an integer <= {FORMAT_VERSION}")
         if version > FORMAT_VERSION:
             raise ValueError(
                 f"format_version {version} was written by a newer optimum-splitquant; this release reads format "
@@ -127,9 +123,3 @@ class SplitQuantConfig(QuantizationConfigMixin):
         return isinstance(other, SplitQuantConfig) and self.to_dict() == other.to_dict()
 
     __hash__ = None  # type: ignore[assignment]
-
-
-def _int_field(name: str, value: Any, *, allowed: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
-    return value

@@ -23,10 +23,10 @@ import onnx  # noqa: E402
 from transformers import AutoModel, BertConfig  # noqa: E402
 
 from optimum_splitquant import SplitQuantConfig, quantize_model  # noqa: E402
-from optimum_splitquant.activation_split import split_activations  # noqa: E402
+from optimum_splitquant.edge.activation_split import split_activations  # noqa: E402
+from optimum_splitquant.edge.onnx import export_onnx, onnx_feeds, quantize_onnx, run_onnx  # noqa: E402
+from optimum_splitquant.edge.split import dequantize_to_split, split_model  # noqa: E402
 from optimum_splitquant.nn import ChannelSplitLinear, SplitLinear  # noqa: E402
-from optimum_splitquant.onnx import export_onnx, onnx_feeds, quantize_onnx, run_onnx  # noqa: E402
-from optimum_splitquant.split import dequantize_to_split, split_model  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

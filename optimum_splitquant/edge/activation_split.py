@@ -24,11 +24,11 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from .core.kmeans import assign_clusters, kmeans_1d
-from .core.spec import MAX_CLUSTERS
-from .nn.branches import SplitLinear
-from .nn.channel_split import ChannelSplitLinear
-from .replace import resolve_modules_to_not_convert, set_submodule
+from ..core.kmeans import assign_clusters, kmeans_1d
+from ..core.spec import check_num_clusters
+from ..layers import resolve_modules_to_not_convert, set_submodule
+from ..nn.branches import SplitLinear
+from ..nn.channel_split import ChannelSplitLinear
 
 __all__ = ["channel_groups", "input_channel_ranges", "split_activations", "target_layers"]
 
@@ -115,8 +115,7 @@ def split_activations(
     Returns:
         The same model; layers whose channels all fall in one group are left as they were.
     """
-    if not isinstance(num_clusters, int) or isinstance(num_clusters, bool) or not 1 <= num_clusters <= MAX_CLUSTERS:
-        raise ValueError(f"num_clusters must be an integer in [1, {MAX_CLUSTERS}], got {num_clusters!r}")
+    check_num_clusters(num_clusters)
     targets = target_layers(model)
     if modules_to_not_convert is None:
         kept = {n.split(".branches.")[0] for n in resolve_modules_to_not_convert(model, None)}

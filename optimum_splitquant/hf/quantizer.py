@@ -1,35 +1,30 @@
 """The transformers quantizer of SplitQuant, registered as ``quant_method="splitquant"``.
 
-Thin by design: module selection and swapping live in :mod:`.replace`, header checks in
-:mod:`.checkpoint`, the maths in :mod:`.core`.
+Thin by design: the layer kinds and model walks live in :mod:`optimum_splitquant.layers`, the
+stored format and header checks in :mod:`optimum_splitquant.checkpoint`, the maths in
+:mod:`optimum_splitquant.core`, releasing the float checkpoint's memory in :mod:`.memory`.
 """
 
 from __future__ import annotations
 
 import copy
-import ctypes
-import gc
 import logging
-import sys
 from typing import Any
 
 import torch
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers import HfQuantizer
 
-from .checkpoint import CheckpointIndex, check_consistency, header_metadata, read_checkpoint_index
-from .config import FORMAT_VERSION, QUANT_METHOD, SplitQuantConfig
-from .core.packing import packed_row_bytes
-from .nn.linear import SplitQuantLinear
-from .replace import dequantize_model, eligible_layers, layer_dims, replace_layers, resolve_modules_to_not_convert
+from ..checkpoint.format import FORMAT_VERSION, QUANTIZED_TENSORS, layer_tensors
+from ..checkpoint.headers import CheckpointIndex, check_consistency, header_metadata, read_checkpoint_index
+from ..layers import dequantize_model, eligible_layers, layer_kind, replace_layers, resolve_modules_to_not_convert
+from ..nn.compact import SplitQuantModule
+from .config import QUANT_METHOD, SplitQuantConfig
+from .memory import own_float_tensors
 
-__all__ = ["SplitQuantHfQuantizer", "SplitQuantQuantize"]
+__all__ = ["QuantizeOnLoad", "SplitQuantHfQuantizer"]
 
 logger = logging.getLogger(__name__)
-
-_BUFFERS = ("weight_packed", "weight_scale", "weight_offset")
-_SCALE_DTYPES = ("F16", "BF16", "F32")
-_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 
 
 class SplitQuantHfQuantizer(HfQuantizer):
@@ -64,10 +59,10 @@ class SplitQuantHfQuantizer(HfQuantizer):
             module = model.get_submodule(module_name)
         except AttributeError:
             return False
-        return isinstance(module, SplitQuantLinear) and not module.is_quantized
+        return isinstance(module, SplitQuantModule) and not module.is_quantized
 
     def get_quantize_ops(self) -> ConversionOps:
-        return SplitQuantQuantize(self)
+        return QuantizeOnLoad(self)
 
     def _process_model_before_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> None:
         files = kwargs.get("checkpoint_files") or []
@@ -76,7 +71,7 @@ class SplitQuantHfQuantizer(HfQuantizer):
             names = self._quantized_names_from_checkpoint(model, index)
             replace_layers(model, self.spec, names, float_weight=False)
         else:
-            if index is not None and index.module_names_with("weight_packed"):
+            if index is not None and index.quantized_modules():
                 raise ValueError(
                     "this checkpoint already holds SplitQuant tensors but its config.json has no "
                     "quantization_config; restore it (the saved config.json) instead of quantizing again"
@@ -95,7 +90,7 @@ class SplitQuantHfQuantizer(HfQuantizer):
             kept = set(self.quantization_config.modules_to_not_convert or [])
             return [n for n in layers if n not in kept]
         check_consistency(index, FORMAT_VERSION, self.quantization_config.storage_settings())
-        names = sorted(index.module_names_with("weight_packed"))
+        names = sorted(index.quantized_modules())
         unknown = [n for n in names if n not in layers]
         if unknown:
             raise ValueError(
@@ -108,53 +103,29 @@ class SplitQuantHfQuantizer(HfQuantizer):
 
     def _check_layer_tensors(self, name: str, module: torch.nn.Module, index: CheckpointIndex) -> None:
         spec = self.spec
-        in_f, out_f, source = layer_dims(module)
-        if source == "conv2d":
-            # One packed row per output kernel, of in_channels / groups * kh * kw weights.
-            layer = (
-                f"Conv2d({module.in_channels}, {module.out_channels}, kernel_size={tuple(module.kernel_size)}, "
-                f"groups={module.groups}): {out_f} kernels of {in_f} weights"
-            )
-        else:
-            layer = f"{type(module).__name__}({in_f} -> {out_f})"
+        kind = layer_kind(module)
+        layer = kind.describe(module)
+        rows, width = kind.dims(module)
         try:
-            groups = spec.num_groups(in_f) if in_f else 1
+            expected = layer_tensors(rows, width, spec, bias=module.bias is not None)
         except ValueError as exc:
             raise ValueError(f"{name} ({layer}): {exc}") from None
-        expected = {
-            "weight_packed": ((out_f, packed_row_bytes(in_f, spec.symbol_width)), ("U8",)),
-            "weight_scale": ((out_f, groups, spec.num_clusters), _SCALE_DTYPES),
-            "weight_offset": ((out_f, groups, spec.num_clusters), _SCALE_DTYPES),
-        }
-        if module.bias is not None:
-            expected["bias"] = ((out_f,), _SCALE_DTYPES)
-        for tensor, (shape, dtypes) in expected.items():
-            key = f"{name}.{tensor}"
-            info = index.tensors.get(key)
-            if info is None:
-                raise ValueError(f"SplitQuant checkpoint is missing tensor {key!r}; the checkpoint is incomplete")
-            if info.shape != shape or info.dtype not in dtypes:
-                raise ValueError(
-                    f"tensor {key!r} in {info.file} has shape {list(info.shape)} and dtype {info.dtype}; "
-                    f"expected shape {list(shape)} and dtype in {list(dtypes)} for {layer} with bits={spec.bits}, "
-                    f"num_clusters={spec.num_clusters}, group_size={spec.group_size}"
-                )
-        if f"{name}.weight" in index.tensors:
-            raise ValueError(f"checkpoint holds both a float {name}.weight and SplitQuant tensors for {name!r}")
+        settings = f"bits={spec.bits}, num_clusters={spec.num_clusters}, group_size={spec.group_size}"
+        index.check_layer(name, expected, layer, settings)
 
     def _process_model_after_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
         if self.load_errors:
             details = "; ".join(f"{name}: {msg}" for name, msg in sorted(self.load_errors.items()))
             raise ValueError(f"could not quantize {len(self.load_errors)} layer(s): {details}")
         for name, module in model.named_modules():
-            if not isinstance(module, SplitQuantLinear) or hasattr(module, "_hf_hook"):
+            if not isinstance(module, SplitQuantModule) or hasattr(module, "_hf_hook"):
                 continue
             if not module.is_quantized:
                 raise ValueError(
                     f"{name}.weight was not found in the checkpoint, so layer {name!r} could not be quantized; "
                     f"add it to SplitQuantConfig(modules_to_not_convert=[...]) to keep it in float"
                 )
-            for buf in _BUFFERS:
+            for buf in QUANTIZED_TENSORS:
                 if getattr(module, buf).is_meta:
                     raise ValueError(f"{name}.{buf} was not loaded (still on the meta device)")
             if self.pre_quantized:
@@ -163,7 +134,7 @@ class SplitQuantHfQuantizer(HfQuantizer):
                 except ValueError as exc:
                     raise ValueError(f"{name}: {exc}") from None
         if not self.pre_quantized:
-            _own_float_tensors(model)
+            own_float_tensors(model)
         return model
 
     def get_state_dict_and_metadata(self, model: torch.nn.Module) -> tuple[None, dict[str, str]]:
@@ -174,8 +145,8 @@ class SplitQuantHfQuantizer(HfQuantizer):
         return dequantize_model(model, dtype)
 
 
-class SplitQuantQuantize(ConversionOps):
-    """Load-time op: quantizes one float weight into its ``SplitQuantLinear`` and drops the float copy."""
+class QuantizeOnLoad(ConversionOps):
+    """Load-time op: quantizes one float weight into its SplitQuant layer and drops the float copy."""
 
     def __init__(self, hf_quantizer: SplitQuantHfQuantizer) -> None:
         self.hf_quantizer = hf_quantizer
@@ -198,52 +169,9 @@ class SplitQuantQuantize(ConversionOps):
             # layer's own message and raise it once loading is done.
             self.hf_quantizer.load_errors[module_name] = str(exc)
         module._is_hf_initialized = True
-        for buf in _BUFFERS:
+        for buf in QUANTIZED_TENSORS:
             getattr(module, buf)._is_hf_initialized = True
         if missing_keys is not None:
-            for tensor in ("weight", *_BUFFERS):
+            for tensor in ("weight", *QUANTIZED_TENSORS):
                 missing_keys.discard(f"{module_name}.{tensor}")
         return {}
-
-
-def _own_float_tensors(model: torch.nn.Module) -> None:
-    """Give the float parameters and buffers left on the CPU their own memory.
-
-    Loaded from safetensors they are views into the memory-mapped float checkpoint, which keeps the
-    whole mapping alive, and quantizing at load has read every page of it: the process would go on
-    holding the full float file in its resident memory. A copy of what stays float (embeddings,
-    norms, the head) lets the mapping go. Tied parameters stay tied (one copy per tensor).
-    """
-    copies: dict[int, torch.Tensor] = {}
-    for module in model.modules():
-        if isinstance(module, SplitQuantLinear):
-            params = {n: p for n, p in module._parameters.items() if n == "bias"}
-        else:
-            params = module._parameters
-        for name, param in list(params.items()):
-            if param is None or param.device.type != "cpu":
-                continue
-            if id(param) not in copies:
-                copies[id(param)] = torch.nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
-            module._parameters[name] = copies[id(param)]
-        if isinstance(module, SplitQuantLinear):
-            continue
-        for name, buf in list(module._buffers.items()):
-            if buf is None or buf.device.type != "cpu":
-                continue
-            if id(buf) not in copies:
-                copies[id(buf)] = buf.clone()
-            module._buffers[name] = copies[id(buf)]
-    copies.clear()
-    gc.collect()
-    _return_freed_heap()
-
-
-def _return_freed_heap() -> None:
-    """Hand the float copies freed while quantizing back to the OS (glibc keeps them otherwise)."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (musl): nothing to do
-        logger.debug("malloc_trim is not available")
