@@ -43,7 +43,7 @@ from benchmarks.methods import (
 )
 from benchmarks.output import machine_info, write_all
 from benchmarks.tasks import BbcProbe, EmbeddingCosine, Perplexity, SmsAccuracy, Task
-from optimum_splitquant import data
+from optimum_splitquant.cli import data
 
 __all__ = ["build_tasks", "main", "run_task", "time_forward"]
 
@@ -149,7 +149,7 @@ def build_tasks(args: argparse.Namespace) -> list[Task]:
             if args.classifier:
                 classifier = Path(args.classifier)
             else:
-                from optimum_splitquant.demo import ensure_classifier
+                from optimum_splitquant.cli.demo import ensure_classifier
 
                 classifier = ensure_classifier()[0]
             tasks.append(SmsAccuracy(classifier, limit=32 if quick else None))

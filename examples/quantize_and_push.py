@@ -25,13 +25,14 @@ from huggingface_hub import ModelCard
 from transformers import AutoModel, AutoTokenizer
 
 import optimum_splitquant as osq  # registers quant_method="splitquant" with transformers
-from optimum_splitquant.card import CardInfo, model_card
-from optimum_splitquant.data import MINILM_HUB_ID, minilm_path
+from optimum_splitquant.cli.card import CardInfo, model_card
+from optimum_splitquant.cli.data import MINILM_HUB_ID, minilm_path
+from optimum_splitquant.report import SizeReport
 
 logger = logging.getLogger("quantize_and_push")
 
 
-def quantize_and_save(source: Path, output: Path, bits: int, repo_id: str | None) -> osq.SizeReport:
+def quantize_and_save(source: Path, output: Path, bits: int, repo_id: str | None) -> SizeReport:
     """Quantize ``source`` while it loads, save model + tokenizer + model card to ``output``."""
     config = osq.SplitQuantConfig(bits=bits)  # k = 3 clusters per layer, one range per row and cluster
     model = AutoModel.from_pretrained(source, quantization_config=config)

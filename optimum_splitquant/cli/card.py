@@ -14,14 +14,11 @@ from typing import Any
 
 import yaml
 
+from .models import AUTO_CLASSES
+
 __all__ = ["CardInfo", "Metric", "model_card"]
 
 PAPER = "https://arxiv.org/abs/2501.12428"
-_AUTO_CLASSES = {
-    "feature-extraction": "AutoModel",
-    "text-classification": "AutoModelForSequenceClassification",
-    "text-generation": "AutoModelForCausalLM",
-}
 
 
 @dataclass(frozen=True)
@@ -127,7 +124,7 @@ def model_card(info: CardInfo) -> str:
     base = info.base_name or info.base_model or "a float model"
     base_link = f"[{base}](https://huggingface.co/{info.base_model})" if info.base_model else f"`{base}`"
     where = info.repo_id or "path/to/this/folder"
-    auto = _AUTO_CLASSES.get(info.task, "AutoModel")
+    auto = AUTO_CLASSES.get(info.task, "AutoModel")
     front = yaml.safe_dump(_metadata(info), sort_keys=False, allow_unicode=True)
     method = (
         "plain min-max quantization (one cluster)"

@@ -19,13 +19,14 @@ import copy
 import functools
 import importlib.util
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ..checkpoint.saving import staged_folder
+from ..kernels import cache_root
+from ..layers import tied_parameter_keys
 
 __all__ = [
     "BBC_TOPICS",
@@ -78,12 +79,11 @@ class LabeledTexts:
 
 
 def cache_dir() -> Path:
-    """``$OPTIMUM_SPLITQUANT_CACHE``, else ``$XDG_CACHE_HOME/optimum-splitquant`` (default ``~/.cache/...``)."""
-    explicit = os.environ.get("OPTIMUM_SPLITQUANT_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "optimum-splitquant"
+    """``$OPTIMUM_SPLITQUANT_CACHE``, else ``$XDG_CACHE_HOME/optimum-splitquant`` (default ``~/.cache/...``).
+
+    The same root as the compiled kernels' cache (:func:`optimum_splitquant.kernels.cache_root`).
+    """
+    return cache_root()
 
 
 def _package_dir(package: str, install: str) -> Path:
@@ -104,7 +104,7 @@ def local_model_path(model_id: str) -> Path | None:
     if model_id == MINILM_HUB_ID:
         return minilm_path()
     if model_id == SMOLLM_HUB_ID:
-        folder = cache_dir() / "smollm2-135m-instruct-fp32"
+        folder = _smollm_dir()
         return folder if (folder / "config.json").is_file() else None
     return None
 
@@ -185,13 +185,18 @@ def smollm_gguf_path() -> Path:
     return path
 
 
+def _smollm_dir() -> Path:
+    """Where :func:`smollm_path` caches the converted SmolLM2 folder."""
+    return cache_dir() / "smollm2-135m-instruct-fp32"
+
+
 def smollm_path() -> Path:
     """A plain float32 safetensors folder of SmolLM2-135M-Instruct, converted once from the GGUF and cached.
 
     The GGUF weights are 4-bit (Q4_1); the folder holds them dequantized, which is the FP32 baseline.
     Needs the ``gguf`` package the first time (about 45 s).
     """
-    folder = cache_dir() / "smollm2-135m-instruct-fp32"
+    folder = _smollm_dir()
     if (folder / "config.json").is_file():
         return folder
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -205,24 +210,14 @@ def smollm_path() -> Path:
     config.__dict__.pop("quantization_config", None)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-    if unexpected or [k for k in missing if k not in _tied_keys(model)]:
+    if unexpected or [k for k in missing if k not in tied_parameter_keys(model)]:
         raise RuntimeError(f"GGUF conversion: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.tie_weights()
     del loaded
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm-", dir=folder.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with staged_folder(folder) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     return folder
-
-
-def _tied_keys(model: torch.nn.Module) -> set[str]:
-    tied = getattr(model, "all_tied_weights_keys", None) or {}
-    return set(tied.keys()) | set(tied.values())
 
 
 # ---- scores ------------------------------------------------------------------------------------

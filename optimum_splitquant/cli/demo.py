@@ -1,6 +1,6 @@
 """The default main job (``optimum-splitquant`` with no arguments): a real spam classifier at 2 bits.
 
-1. Once, cached under :func:`~optimum_splitquant.data.cache_dir`: a ``BertForSequenceClassification``
+1. Once, cached under :func:`~optimum_splitquant.cli.data.cache_dir`: a ``BertForSequenceClassification``
    whose encoder is the shipped all-MiniLM-L6-v2 and whose head (``pooler.dense`` + tanh +
    ``classifier``, the layers the model's own forward uses) is trained on the frozen encoder's
    first-token features of 3,862 real SMS messages; 1,000 others (stratified, seed 0) are held out.
@@ -17,7 +17,6 @@ import copy
 import json
 import logging
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +25,11 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-from .config import SplitQuantConfig
+from ..checkpoint.saving import staged_folder
+from ..hf.config import SplitQuantConfig
+from ..report import size_report
 from .data import MINILM_HUB_ID, LabeledTexts, cache_dir, embed, minilm_path, predict, sms_spam, split
-from .report import size_report
+from .models import safetensors_bytes
 
 __all__ = [
     "DEMO_VERSION",
@@ -53,6 +54,7 @@ HEAD_STEPS = 200
 HEAD_LR = 1e-3
 HEAD_WEIGHT_DECAY = 0.01
 METADATA_FILE = "splitquant_demo.json"
+CLASSIFIER_DIR = "sms-spam-minilm-fp32"  # the FP32 classifier's folder in the cache
 VARIANTS: tuple[tuple[str, str, dict[str, int]], ...] = (
     ("plain INT2 (k=1)", "int2-k1", {"bits": 2, "num_clusters": 1}),
     ("SplitQuant INT2 (k=3)", "int2-k3", {"bits": 2, "num_clusters": 3}),
@@ -168,7 +170,7 @@ def ensure_classifier(
     The metadata holds the recipe, the build time and the FP32 held-out score (measured once, at build).
     """
     cache = cache if cache is not None else cache_dir()
-    folder = cache / "sms-spam-minilm-fp32"
+    folder = cache / CLASSIFIER_DIR
     encoder = str(encoder_path or minilm_path())
     wanted = {
         "demo_version": DEMO_VERSION,
@@ -189,9 +191,7 @@ def ensure_classifier(
     start = time.perf_counter()
     logger.info("building the FP32 spam classifier once (cached in %s; one to two minutes)", folder)
     train, test = split(data if data is not None else sms_spam(), n_test, seed=seed)
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=cache))
-    try:
+    with staged_folder(folder) as tmp:
         build_classifier(encoder, train, tmp, head_steps=head_steps)
         model = AutoModelForSequenceClassification.from_pretrained(tmp, dtype=torch.float32)
         accuracy, caught = _score(model, AutoTokenizer.from_pretrained(tmp), test)
@@ -205,16 +205,13 @@ def ensure_classifier(
             "built_at": time.time(),
         }
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     logger.info("FP32 classifier built in %.1f s: %.2f %% on %d held-out messages", seconds, 100 * accuracy, len(test))
     return folder, meta, True
 
 
 def _safetensors_mb(folder: Path) -> float:
-    return sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e6
+    """Megabytes of the folder's safetensors files (0 if none)."""
+    return (safetensors_bytes(folder) or 0) / 1e6
 
 
 def _score(model: nn.Module, tokenizer, test: LabeledTexts) -> tuple[float, int]:
@@ -232,8 +229,7 @@ def _quantized_variant(
     t0 = time.perf_counter()
     model = AutoModelForSequenceClassification.from_pretrained(folder, quantization_config=config)
     quantize_s = time.perf_counter() - t0
-    tmp = Path(tempfile.mkdtemp(prefix=".quant-", dir=out.parent))
-    try:
+    with staged_folder(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         reloaded = AutoModelForSequenceClassification.from_pretrained(tmp)
@@ -243,10 +239,6 @@ def _quantized_variant(
                 raise RuntimeError(f"the reloaded {name} model does not reproduce the in-memory one")
         meta = {"demo_version": DEMO_VERSION, "classifier": classifier_id, **config.to_dict(), "quantize_s": quantize_s}
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return meta
 
 
@@ -280,7 +272,7 @@ def run(
     """
     start = time.perf_counter()
     cache = cache if cache is not None else cache_dir()
-    folder = cache / "sms-spam-minilm-fp32"
+    folder = cache / CLASSIFIER_DIR
     if rebuild:
         shutil.rmtree(folder, ignore_errors=True)
     folder, meta, built = ensure_classifier(

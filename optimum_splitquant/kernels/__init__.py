@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._build import CACHE_ENV, KernelBuildError, build_library, cache_dir
+from ._build import CACHE_ENV, KernelBuildError, build_library, cache_dir, cache_root
 
 __all__ = [
     "CACHE_ENV",
@@ -42,6 +42,7 @@ __all__ = [
     "KernelStatus",
     "available",
     "cache_dir",
+    "cache_root",
     "dequantize",
     "kmeans_binned",
     "linear",

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["KernelBuildError", "build_library", "cache_dir", "find_compiler"]
+__all__ = ["KernelBuildError", "build_library", "cache_dir", "cache_root", "find_compiler"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,15 +38,22 @@ class KernelBuildError(RuntimeError):
     """The compiled kernels could not be built (no compiler, compile error, missing source)."""
 
 
+def cache_root() -> Path:
+    """The package's cache folder, shared by the kernels and the CLI's data and models.
+
+    ``$OPTIMUM_SPLITQUANT_CACHE``, else ``$XDG_CACHE_HOME/optimum-splitquant``, else
+    ``~/.cache/optimum-splitquant`` (a leading ``~`` in either variable is expanded).
+    """
+    explicit = os.environ.get(CACHE_ENV)
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "optimum-splitquant"
+
+
 def cache_dir() -> Path:
-    """Folder holding the compiled kernels."""
-    root = os.environ.get(CACHE_ENV)
-    if root:
-        base = Path(root)
-    else:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        base = (Path(xdg) if xdg else Path.home() / ".cache") / "optimum-splitquant"
-    return base / "kernels"
+    """Folder holding the compiled kernels: ``kernels/`` under :func:`cache_root`."""
+    return cache_root() / "kernels"
 
 
 def find_compiler() -> str | None:

@@ -26,7 +26,7 @@ from transformers import (
 )
 
 from benchmarks import bench_quality, methods, output
-from optimum_splitquant.data import minilm_path
+from optimum_splitquant.cli.data import minilm_path
 
 pytest.importorskip("optimum.quanto")
 pytest.importorskip("matplotlib")

@@ -6,7 +6,7 @@ import pytest
 from huggingface_hub import ModelCard
 
 from optimum_splitquant import SplitQuantConfig
-from optimum_splitquant.card import CardInfo, Metric, model_card
+from optimum_splitquant.cli.card import CardInfo, Metric, model_card
 
 
 def _info(**overrides) -> CardInfo:

@@ -13,7 +13,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from huggingface_hub import ModelCard
+from huggingface_hub import ModelCard, constants
 from transformers import (
     AutoModel,
     AutoModelForSequenceClassification,
@@ -25,8 +25,11 @@ from transformers import (
     DistilBertModel,
 )
 
-from optimum_splitquant import SplitQuantLinear, cli, demo, size_report
-from optimum_splitquant.data import LabeledTexts, minilm_path, sms_spam, split
+from optimum_splitquant import SplitQuantLinear, size_report
+from optimum_splitquant.cli import commands, demo, quantize
+from optimum_splitquant.cli.console import CliError
+from optimum_splitquant.cli.data import LabeledTexts, minilm_path, sms_spam, split
+from optimum_splitquant.cli.models import resolve_task
 
 
 def _bert_config(**kwargs) -> BertConfig:
@@ -63,7 +66,7 @@ def tiny_classifier(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def quantized_dir(tiny_base, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("quantized") / "int2"
-    assert cli.main(["quantize", tiny_base, "--bits", "2", "--output", str(out)]) == 0
+    assert commands.main(["quantize", tiny_base, "--bits", "2", "--output", str(out)]) == 0
     return out
 
 
@@ -97,7 +100,7 @@ def test_quantize_writes_model_tokenizer_and_card(quantized_dir, capsys):
 def test_quantize_summary_and_progress(tiny_base, tmp_path, capsys):
     out = tmp_path / "q"
     assert (
-        cli.main(
+        commands.main(
             ["quantize", tiny_base, "--bits", "4", "--num-clusters", "4", "--group-size", "16", "--output", str(out)]
         )
         == 0
@@ -114,7 +117,8 @@ def test_quantize_summary_and_progress(tiny_base, tmp_path, capsys):
 def test_quantize_with_evaluate_puts_results_in_the_card(tiny_classifier, tmp_path, capsys):
     out = tmp_path / "q"
     assert (
-        cli.main(["quantize", tiny_classifier, "--bits", "8", "--output", str(out), "--evaluate", "--limit", "16"]) == 0
+        commands.main(["quantize", tiny_classifier, "--bits", "8", "--output", str(out), "--evaluate", "--limit", "16"])
+        == 0
     )
     captured = capsys.readouterr()
     assert "accuracy" in captured.out
@@ -126,20 +130,20 @@ def test_quantize_with_evaluate_puts_results_in_the_card(tiny_classifier, tmp_pa
 
 
 def test_task_is_inferred_from_the_architecture():
-    assert cli.resolve_task(BertConfig(architectures=["BertModel"])) == "feature-extraction"
-    assert cli.resolve_task(BertConfig(architectures=["BertForSequenceClassification"])) == "text-classification"
-    assert cli.resolve_task(BertConfig(architectures=["LlamaForCausalLM"])) == "text-generation"
-    assert cli.resolve_task(BertConfig(architectures=["GPT2LMHeadModel"])) == "text-generation"
-    assert cli.resolve_task(BertConfig(architectures=["BertForMaskedLM"]), "feature-extraction") == "feature-extraction"
-    with pytest.raises(cli.CliError, match="pass --task"):
-        cli.resolve_task(BertConfig(architectures=["BertForMaskedLM"]))
+    assert resolve_task(BertConfig(architectures=["BertModel"])) == "feature-extraction"
+    assert resolve_task(BertConfig(architectures=["BertForSequenceClassification"])) == "text-classification"
+    assert resolve_task(BertConfig(architectures=["LlamaForCausalLM"])) == "text-generation"
+    assert resolve_task(BertConfig(architectures=["GPT2LMHeadModel"])) == "text-generation"
+    assert resolve_task(BertConfig(architectures=["BertForMaskedLM"]), "feature-extraction") == "feature-extraction"
+    with pytest.raises(CliError, match="pass --task"):
+        resolve_task(BertConfig(architectures=["BertForMaskedLM"]))
 
 
 # ---- evaluate ------------------------------------------------------------------------------------
 
 
 def test_evaluate_embedding_cosine_against_the_base(quantized_dir, tiny_base, capsys):
-    assert cli.main(["evaluate", str(quantized_dir), "--base", tiny_base, "--limit", "8"]) == 0
+    assert commands.main(["evaluate", str(quantized_dir), "--base", tiny_base, "--limit", "8"]) == 0
     out = capsys.readouterr().out
     assert "SplitQuant INT2 (k=3)" in out
     row = next(line for line in out.splitlines() if line.startswith("mean cosine to float embeddings"))
@@ -147,13 +151,13 @@ def test_evaluate_embedding_cosine_against_the_base(quantized_dir, tiny_base, ca
 
 
 def test_evaluate_without_a_known_base_says_so(quantized_dir, capsys):
-    assert cli.main(["evaluate", str(quantized_dir)]) == 0
+    assert commands.main(["evaluate", str(quantized_dir)]) == 0
     captured = capsys.readouterr()
     assert "no metric computed" in captured.out and "--base" in captured.err
 
 
 def test_evaluate_a_float_classifier(tiny_classifier, capsys):
-    assert cli.main(["evaluate", tiny_classifier, "--limit", "16"]) == 0
+    assert commands.main(["evaluate", tiny_classifier, "--limit", "16"]) == 0
     out = capsys.readouterr().out
     assert "float" in out.splitlines()[0]
     assert any(line.startswith("accuracy") and "16 held-out messages" in line for line in out.splitlines())
@@ -188,11 +192,11 @@ def test_evaluate_a_float_classifier(tiny_classifier, capsys):
     ],
 )
 def test_user_errors_end_with_one_line(args, expected, tiny_base, quantized_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     argv = [a.format(base=tiny_base, quantized=quantized_dir) for a in args]
     if argv[0] == "quantize":
         argv += ["--output", str(tmp_path / "out")]
-    assert cli.main(argv) == 1
+    assert commands.main(argv) == 1
     _assert_one_error_line(capsys.readouterr().err, expected)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
@@ -200,23 +204,23 @@ def test_user_errors_end_with_one_line(args, expected, tiny_base, quantized_dir,
 def test_unwritable_output_dir(tiny_base, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    assert cli.main(["quantize", tiny_base, "--bits", "2", "--output", str(blocker / "out")]) == 1
+    assert commands.main(["quantize", tiny_base, "--bits", "2", "--output", str(blocker / "out")]) == 1
     _assert_one_error_line(capsys.readouterr().err, "cannot write to output directory")
-    assert cli.main(["quantize", tiny_base, "--bits", "2", "--output", str(blocker)]) == 1
+    assert commands.main(["quantize", tiny_base, "--bits", "2", "--output", str(blocker)]) == 1
     _assert_one_error_line(capsys.readouterr().err, "exists and is not a directory")
 
 
 def test_push_without_a_token(tiny_base, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(cli, "get_token", lambda: None)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(quantize, "get_token", lambda: None)
     argv = ["quantize", tiny_base, "--bits", "2", "--output", str(tmp_path / "o"), "--push-to-hub", "me/x"]
-    assert cli.main(argv) == 1
+    assert commands.main(argv) == 1
     _assert_one_error_line(capsys.readouterr().err, "no Hugging Face token")
 
 
 def test_verbose_shows_the_traceback(tmp_path):
-    with pytest.raises(cli.CliError, match="does not exist"):
-        cli.main(["quantize", "/no/such/model", "--bits", "2", "--output", str(tmp_path / "o"), "--verbose"])
+    with pytest.raises(CliError, match="does not exist"):
+        commands.main(["quantize", "/no/such/model", "--bits", "2", "--output", str(tmp_path / "o"), "--verbose"])
 
 
 def test_error_in_a_fresh_process_has_no_traceback(tmp_path):
@@ -256,9 +260,9 @@ class _FakeHub:
 @pytest.fixture
 def fake_hub(monkeypatch):
     hub = _FakeHub()
-    monkeypatch.setattr(cli.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(cli, "get_token", lambda: "hf_fake_token")
-    monkeypatch.setattr(cli, "_hub_api", lambda: hub)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(quantize, "get_token", lambda: "hf_fake_token")
+    monkeypatch.setattr(quantize, "_hub_api", lambda: hub)
     return hub
 
 
@@ -275,7 +279,7 @@ def test_push_uploads_model_tokenizer_and_card_in_one_commit(fake_hub, tiny_clas
         "me/tiny-int2",
         "--private",
     ]
-    assert cli.main(argv) == 0
+    assert commands.main(argv) == 0
     assert "https://huggingface.co/me/tiny-int2" in capsys.readouterr().out
     assert fake_hub.repos == [("me/tiny-int2", True)] and fake_hub.commits == 1
     assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= set(fake_hub.files)
@@ -295,7 +299,7 @@ def test_push_uploads_model_tokenizer_and_card_in_one_commit(fake_hub, tiny_clas
 def test_failed_push_keeps_the_saved_model(fake_hub, tiny_base, tmp_path, capsys):
     fake_hub.fail = True
     out = tmp_path / "q"
-    assert cli.main(["quantize", tiny_base, "--bits", "2", "--output", str(out), "--push-to-hub", "me/x"]) == 1
+    assert commands.main(["quantize", tiny_base, "--bits", "2", "--output", str(out), "--push-to-hub", "me/x"]) == 1
     _assert_one_error_line(capsys.readouterr().err, "push to 'me/x' failed (503 Service Unavailable retry later)")
     assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
 
@@ -315,13 +319,13 @@ def test_no_arguments_runs_the_demo(monkeypatch, tmp_path, capsys):
         calls.append(kwargs)
         return result
 
-    monkeypatch.setattr(cli.demo, "run", fake_run)
-    assert cli.main([]) == 0
+    monkeypatch.setattr(commands.demo, "run", fake_run)
+    assert commands.main([]) == 0
     out = capsys.readouterr().out
     assert "1000 held-out real SMS (868 ham / 132 spam)" in out
     assert "SplitQuant INT2 (k=3)" in out and "93.5%" in out and "122/132" in out and "4.190" in out
     assert "always answering 'ham' scores 86.8%" in out and "(cached" in out
-    assert cli.main(["demo", "--fresh"]) == 0
+    assert commands.main(["demo", "--fresh"]) == 0
     assert calls == [{"fresh": False, "rebuild": False}, {"fresh": True, "rebuild": False}]
 
 

@@ -19,7 +19,7 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from optimum_splitquant import data
+from optimum_splitquant.cli import data
 
 
 @pytest.fixture(scope="module")

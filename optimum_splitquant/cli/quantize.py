@@ -1,0 +1,176 @@
+"""``optimum-splitquant quantize``: float model -> SplitQuant folder with tokenizer and model card (-> Hub)."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import transformers
+from huggingface_hub import HfApi, constants, get_token
+from torch import nn
+
+from ..hf.config import SplitQuantConfig
+from ..hf.quantize_model import quantize_model
+from ..report import size_report
+from . import data
+from .card import CardInfo, model_card
+from .console import CliError, one_line, out
+from .evaluate import evaluate_model, metrics_table
+from .models import auto_class, load_config, load_tokenizer, model_source, resolve_task, safetensors_bytes
+
+__all__ = ["cmd_quantize"]
+
+
+def _prepare_output(path: Path) -> bool:
+    """Create ``path`` if needed and check it is writable; returns whether it was created."""
+    if path.exists() and not path.is_dir():
+        raise CliError(f"output {str(path)!r} exists and is not a directory")
+    created = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise CliError(f"cannot write to output directory {str(path)!r}: {exc.strerror or exc}") from exc
+    return created
+
+
+def _check_can_push() -> None:
+    """Fail before any work if a push is bound to fail: offline mode, or no token."""
+    if constants.HF_HUB_OFFLINE:
+        raise CliError(
+            "cannot push: offline mode is on (HF_HUB_OFFLINE=1); unset it or upload later with `hf upload REPO_ID DIR`"
+        )
+    if not get_token():
+        raise CliError("cannot push: no Hugging Face token; run `hf auth login` or set HF_TOKEN")
+
+
+def _hub_api() -> HfApi:
+    return HfApi()
+
+
+def _push(folder: Path, repo_id: str, private: bool) -> str:
+    """Upload ``folder`` (model, tokenizer, card) to ``repo_id`` in one commit; returns the repo URL."""
+    api = _hub_api()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Upload SplitQuant model")
+    except Exception as exc:  # huggingface_hub raises many error types (HTTP, auth, offline)
+        raise CliError(
+            f"push to {repo_id!r} failed ({one_line(exc)}); the model is saved in {str(folder)!r}: "
+            f"upload it later with `hf upload {repo_id} {folder}`"
+        ) from exc
+    return f"https://huggingface.co/{repo_id}"
+
+
+def _base_id(model: str) -> tuple[str | None, str]:
+    """(Hub id of the float model if known, display name)."""
+    local = Path(model).expanduser()
+    if not local.exists():
+        return model, model
+    if local.resolve() == data.minilm_path().resolve():
+        return data.MINILM_HUB_ID, data.MINILM_HUB_ID
+    return None, local.resolve().name
+
+
+def _load_quantized(
+    source: str, task: str, qconfig: SplitQuantConfig, keep_float: bool
+) -> tuple[nn.Module, nn.Module | None, float]:
+    """``(quantized model, float copy or None, seconds)``.
+
+    Without ``keep_float`` the weights are quantized as they stream in (peak memory about the
+    quantized model's; transformers' loading bar shows the progress). With it (``--evaluate``, which
+    needs the float model as reference) the float model is loaded whole, copied, then quantized in
+    memory with a bar over the layers.
+    """
+    auto = auto_class(task)
+    start = time.perf_counter()
+    if not keep_float:
+        transformers.utils.logging.enable_progress_bar()
+        try:
+            model = auto.from_pretrained(source, quantization_config=qconfig)
+        finally:
+            transformers.utils.logging.disable_progress_bar()
+        return model, None, time.perf_counter() - start
+    model = auto.from_pretrained(source)
+    float_model = copy.deepcopy(model)
+    quantize_model(model, qconfig, progress=True)
+    return model, float_model, time.perf_counter() - start
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """``quantize``: float model → SplitQuant folder with tokenizer and model card (→ Hub)."""
+    try:
+        qconfig = SplitQuantConfig(
+            bits=args.bits, num_clusters=args.num_clusters, group_size=args.group_size, clustering=args.clustering
+        )
+    except (ValueError, TypeError) as exc:
+        raise CliError(str(exc)) from exc
+    if args.push_to_hub:
+        _check_can_push()
+    config = load_config(args.model)
+    if getattr(config, "quantization_config", None):
+        raise CliError(f"{args.model!r} is already quantized; quantize its float original instead")
+    task = resolve_task(config, args.task)
+    output = Path(args.output).expanduser()
+    created = _prepare_output(output)
+    source = model_source(args.model)
+    try:
+        tokenizer = load_tokenizer(source)
+        model, float_model, seconds = _load_quantized(source, task, qconfig, keep_float=args.evaluate)
+        metrics = evaluate_model(task, model, tokenizer, float_model, limit=args.limit) if args.evaluate else []
+        del float_model
+        model.save_pretrained(output)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(output)
+    except BaseException:
+        if created and output.is_dir() and not any(output.iterdir()):
+            shutil.rmtree(output, ignore_errors=True)
+        raise
+    report = size_report(model)
+    size_after = safetensors_bytes(output) or report.total_bytes
+    # The float checkpoint on disk, else the float size of what was just quantized.
+    size_before = safetensors_bytes(Path(args.model).expanduser()) or report.other_bytes + 4 * report.quantized_weights
+    base_model, base_name = _base_id(args.model)
+    info = CardInfo(
+        quantization_config=model.config.quantization_config.to_dict(),
+        task=task,
+        effective_bits=report.effective_bits,
+        quantized_layers=report.quantized_layers,
+        quantized_weights=report.quantized_weights,
+        size_after=size_after,
+        size_before=size_before,
+        base_model=args.base_model or base_model,
+        base_name=args.base_model or base_name,
+        repo_id=args.push_to_hub,
+        metrics=metrics,
+    )
+    (output / "README.md").write_text(model_card(info), encoding="utf-8")
+    url = _push(output, args.push_to_hub, args.private) if args.push_to_hub else None
+    _summary(args.model, task, info, seconds, output, tokenizer is not None, url)
+    return 0
+
+
+def _summary(
+    model: str, task: str, info: CardInfo, seconds: float, output: Path, tokenizer: bool, url: str | None
+) -> None:
+    """The command's result on stdout: settings, bits, sizes, time, metrics, where it went, how to load it."""
+    cfg = info.quantization_config
+    kept = ", ".join(cfg.get("modules_to_not_convert") or []) or "none"
+    before, after = info.size_before or 0, info.size_after
+    out(f"SplitQuant INT{cfg['bits']} (k={cfg['num_clusters']}) of {model} [{task}]")
+    out(f"  layers     {info.quantized_layers} quantized ({info.quantized_weights:,} weights); float: {kept}")
+    out(f"  bits       {info.effective_bits:.3f} effective bits per weight (codes + cluster ids + scales + offsets)")
+    out(f"  size       {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB ({before / after:.2f}x smaller)")
+    out(f"  time       {seconds:.1f} s to load and quantize")
+    for line in metrics_table(list(info.metrics)) if info.metrics else []:
+        out(f"  {line}")
+    files = "model.safetensors, config.json" + (", tokenizer" if tokenizer else "") + ", README.md (model card)"
+    out(f"  saved      {output} ({files})")
+    if url:
+        out(f"  pushed     {url}")
+    out(f"  load with  import optimum_splitquant; {auto_class(task).__name__}.from_pretrained({str(output)!r})")
