@@ -1,5 +1,5 @@
 // Exact 1-D k-means of one float32 row, binned (no sort): the compiled search behind
-// optimum_splitquant/core/kmeans.py's binned path (rows of n >= 2^15 float32 values, 2 <= k <= 4).
+// optimum_splitquant/core/kmeans/'s binned path (rows of n >= 2^15 float32 values, 2 <= k <= 4).
 //
 // Same problem, same bins, same bound as the pure-torch path (see that module's docstring), with
 // the search done in plain loops instead of some 1,500 small torch ops:
