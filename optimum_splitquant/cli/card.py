@@ -100,6 +100,7 @@ def _settings_table(info: CardInfo) -> list[str]:
         f"| clusters per layer (k-means, k) | {cfg.get('num_clusters')} |",
         f"| clustering | {cfg.get('clustering')} |",
         f"| range granularity | one scale and offset per cluster per {group} |",
+        f"| range fit | {cfg.get('fit', 'minmax')} |",
         f"| scale dtype | {cfg.get('scale_dtype')} |",
         f"| effective bits per weight | {info.effective_bits:.3f} (codes + cluster ids + scales + offsets) |",
         f"| quantized layers | {info.quantized_layers} ({info.quantized_weights:,} weights) |",

@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--num-clusters", type=int, default=3, help="k-means clusters per layer (1 = plain min-max)")
     q.add_argument("--group-size", type=int, default=None, help="input columns per range (default: whole row)")
     q.add_argument("--clustering", default="tensor", help="tensor (one k-means per layer) or channel (per row)")
+    q.add_argument("--fit", default="minmax", help="range of each cluster: minmax (the paper) or mse (least squares)")
     q.add_argument("--task", choices=TASKS, default="auto", help="model head to load (default: from config)")
     q.add_argument("--output", required=True, help="folder to write the quantized model to")
     q.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the folder to this Hub repository")

@@ -122,13 +122,90 @@ def _quantize_rows(w: torch.Tensor, ids: torch.Tensor, spec: QuantSpec, groups: 
     offset, scale = _stored_range(
         lo.masked_fill_(empty, 0.0).view(out_f, groups, k), hi.masked_fill_(empty, 0.0).view(out_f, groups, k), spec
     )
-    off_w = offset.float().reshape(rows, k).gather(1, idg)
-    scale_w = scale.float().reshape(rows, k).gather(1, idg)
-    positive = scale_w > 0
-    steps = torch.where(positive, (wg - off_w) / torch.where(positive, scale_w, 1.0), 0.0)
-    codes = steps.round_().clamp_(0, spec.levels - 1).to(torch.int32)
-    symbols = (idg.to(torch.int32) << spec.bits).bitwise_or_(codes)
+    codes = _codes(
+        wg, offset.float().reshape(rows, k).gather(1, idg), scale.float().reshape(rows, k).gather(1, idg), spec
+    )
+    if spec.fit == "mse":
+        idg, codes, offset, scale = _fit_mse(wg, idg, codes, offset.reshape(rows, k), scale.reshape(rows, k), spec)
+        offset, scale = offset.view(out_f, groups, k), scale.view(out_f, groups, k)
+    symbols = (idg.to(torch.int32) << spec.bits).bitwise_or_(codes.to(torch.int32))
     return pack_rows(symbols.reshape(out_f, in_f), spec.symbol_width), scale, offset
+
+
+def _codes(w: torch.Tensor, off: torch.Tensor, scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Nearest code of every weight on the grid ``off + code * scale`` (``off``/``scale`` broadcast to ``w``)."""
+    positive = scale > 0
+    steps = torch.where(positive, (w - off) / torch.where(positive, scale, 1.0), 0.0)
+    return steps.round_().clamp_(0, spec.levels - 1)
+
+
+FIT_ITERATIONS = 6
+"""Refit / reassign rounds of ``fit="mse"``: each round lowers (or keeps) the squared error."""
+
+
+def _fit_mse(
+    w: torch.Tensor, ids: torch.Tensor, codes: torch.Tensor, offset: torch.Tensor, scale: torch.Tensor, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Least-squares ranges for ``lines`` of weights ``w`` (one line per (row, group)), from min-max ones.
+
+    Each (line, cluster) holds the levels ``offset + code * scale``. A round refits every slot's
+    offset and scale to its members by least squares (the squared error cannot grow), rounds them
+    to ``spec.scale_dtype``, then moves every weight to the nearest of its line's ``k * 2**bits``
+    levels, in any cluster (nor can it grow there). A slot left without members keeps its range.
+    Returns ``(ids, codes, offset, scale)``; the codes are the nearest ones under the stored ranges.
+    """
+    if w.device.type == "cpu":
+        from .. import kernels  # optional compiled ops (a leaf: torch only)
+
+        try:
+            fitted = kernels.fit_mse(w, ids, codes, offset, scale, spec.bits, FIT_ITERATIONS)
+        except RuntimeError as exc:  # the only failure of valid inputs: a range past the storage dtype
+            raise ValueError(_overflow_message(spec)) from exc
+        if fitted is not None:
+            return fitted
+    lines, k = offset.shape
+    line_base = torch.arange(lines, device=w.device).unsqueeze(1) * k
+    wd = w.to(torch.float64).view(-1)
+    for _ in range(FIT_ITERATIONS):
+        slot = (ids + line_base).view(-1)
+        c = codes.to(torch.float64).view(-1)
+        n, sc, sw, scc, scw = (
+            torch.bincount(slot, weights=x, minlength=lines * k).to(torch.float64).view(lines, k)
+            for x in (None, c, wd, c * c, c * wd)
+        )
+        var = n * scc - sc * sc
+        new_scale = torch.where(var > 0, (n * scw - sc * sw) / torch.where(var > 0, var, 1.0), scale.double())
+        new_scale = torch.where(new_scale > 0, new_scale, 0.0)
+        new_offset = torch.where(n > 0, (sw - new_scale * sc) / n.clamp(min=1.0), offset.double())
+        # Through float32, as the compiled kernel rounds: the same bits on both paths.
+        offset, scale = new_offset.float().to(spec.scale_dtype), new_scale.float().to(spec.scale_dtype)
+        if not (bool(torch.isfinite(offset).all()) and bool(torch.isfinite(scale).all())):
+            raise ValueError(_overflow_message(spec))
+        ids, codes = _nearest_levels(w, offset.float(), scale.float(), spec)
+    return ids, codes, offset, scale
+
+
+def _overflow_message(spec: QuantSpec) -> str:
+    return f"the fitted ranges do not fit scale_dtype {spec.scale_dtype}; use scale_dtype='float32'"
+
+
+def _nearest_levels(
+    w: torch.Tensor, offset: torch.Tensor, scale: torch.Tensor, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, codes)`` of the level nearest to each weight among its line's clusters (lowest id on ties)."""
+    best_err = best_ids = best_codes = None
+    for j in range(spec.num_clusters):
+        off_j, scale_j = offset[:, j : j + 1], scale[:, j : j + 1]
+        code = _codes(w, off_j, scale_j, spec)
+        err = (w - (off_j + code * scale_j)).abs_()
+        if best_err is None:
+            best_err, best_ids, best_codes = err, torch.zeros_like(w, dtype=torch.int64), code
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_ids = best_ids.masked_fill(better, j)
+        best_codes = torch.where(better, code, best_codes)
+    return best_ids, best_codes
 
 
 def decode_symbols(packed: torch.Tensor, in_features: int, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,6 +22,7 @@ __all__ = [
 SUPPORTED_BITS = (2, 3, 4, 8)
 MAX_CLUSTERS = 16
 CLUSTERINGS = ("tensor", "channel")
+FITS = ("minmax", "mse")
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -57,6 +58,9 @@ class QuantSpec:
         clustering: ``"tensor"`` (one k-means over the whole weight, as in the paper) or
             ``"channel"`` (one k-means per output row).
         scale_dtype: storage dtype of scales and offsets.
+        fit: how each (row, group, cluster) range is chosen: ``"minmax"`` (the paper: the members'
+            minimum and maximum) or ``"mse"`` (least-squares refits alternating with moving each
+            weight to the nearest level of its row or group; the same stored layout).
     """
 
     bits: int
@@ -64,6 +68,7 @@ class QuantSpec:
     group_size: int | None = None
     clustering: str = "tensor"
     scale_dtype: torch.dtype = torch.float16
+    fit: str = "minmax"
 
     def __post_init__(self) -> None:
         int_field(
@@ -75,6 +80,8 @@ class QuantSpec:
             int_field("group_size", self.group_size, allowed=positive, valid=lambda g: g >= 1, not_int=ValueError)
         if self.clustering not in CLUSTERINGS:
             raise ValueError(f"clustering must be one of {CLUSTERINGS}, got {self.clustering!r}")
+        if self.fit not in FITS:
+            raise ValueError(f"fit must be one of {FITS}, got {self.fit!r}")
         if self.scale_dtype not in SCALE_DTYPES.values():
             raise ValueError(f"scale_dtype must be one of {tuple(SCALE_DTYPES)}, got {self.scale_dtype!r}")
 

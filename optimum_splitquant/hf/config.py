@@ -14,7 +14,7 @@ from typing import Any
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..checkpoint.format import FORMAT_VERSION
-from ..core.spec import CLUSTERINGS, SCALE_DTYPES, SUPPORTED_BITS, QuantSpec, check_num_clusters, int_field
+from ..core.spec import CLUSTERINGS, FITS, SCALE_DTYPES, SUPPORTED_BITS, QuantSpec, check_num_clusters, int_field
 
 __all__ = ["FORMAT_VERSION", "QUANT_METHOD", "SplitQuantConfig"]
 
@@ -25,6 +25,7 @@ _FIELDS = (
     "group_size",
     "clustering",
     "scale_dtype",
+    "fit",
     "modules_to_not_convert",
     "format_version",
     "quant_method",
@@ -40,6 +41,9 @@ class SplitQuantConfig(QuantizationConfigMixin):
         group_size: input columns sharing one range per cluster; ``None`` = one per output row.
         clustering: ``"tensor"`` (one k-means per weight matrix, as in the paper) or ``"channel"``.
         scale_dtype: storage dtype of scales and offsets: ``"float16"``, ``"bfloat16"``, ``"float32"``.
+        fit: how each (row or group, cluster) range is chosen: ``"minmax"`` (the paper's min-max
+            range) or ``"mse"`` (least-squares ranges, each weight on the nearest level of its row
+            or group; the same stored size, a lower reconstruction error). Only quantizing reads it.
         modules_to_not_convert: module names kept in float. ``None`` keeps the task head
             (classifier / lm_head / tied output embeddings) in float; the resolved list is written
             back here when a model is quantized. ``[]`` quantizes every eligible layer.
@@ -53,6 +57,7 @@ class SplitQuantConfig(QuantizationConfigMixin):
         group_size: int | None = None,
         clustering: str = "tensor",
         scale_dtype: str = "float16",
+        fit: str = "minmax",
         modules_to_not_convert: list[str] | None = None,
         format_version: int = FORMAT_VERSION,
         quant_method: str = QUANT_METHOD,
@@ -78,6 +83,9 @@ class SplitQuantConfig(QuantizationConfigMixin):
         if scale_dtype not in SCALE_DTYPES:
             raise ValueError(f"scale_dtype must be one of {tuple(SCALE_DTYPES)}, got {scale_dtype!r}")
         self.scale_dtype = scale_dtype
+        if fit not in FITS:
+            raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
+        self.fit = fit
         if modules_to_not_convert is not None:
             if isinstance(modules_to_not_convert, str) or not all(isinstance(m, str) for m in modules_to_not_convert):
                 raise TypeError(
@@ -103,6 +111,7 @@ class SplitQuantConfig(QuantizationConfigMixin):
             group_size=self.group_size,
             clustering=self.clustering,
             scale_dtype=SCALE_DTYPES[self.scale_dtype],
+            fit=self.fit,
         )
 
     def storage_settings(self) -> dict[str, Any]:

@@ -44,6 +44,7 @@ __all__ = [
     "cache_dir",
     "cache_root",
     "dequantize",
+    "fit_mse",
     "kmeans_binned",
     "linear",
     "mode",
@@ -184,6 +185,26 @@ def kmeans_binned(x: torch.Tensor, k: int) -> torch.Tensor | None:
         return None
     out = torch.ops.optimum_splitquant.kmeans_binned.default(x, k)
     return out if out.numel() else None
+
+
+def fit_mse(
+    w: torch.Tensor,
+    ids: torch.Tensor,
+    codes: torch.Tensor,
+    offset: torch.Tensor,
+    scale: torch.Tensor,
+    bits: int,
+    iters: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Compiled least-squares range fitting of ``(lines, g)`` float32 weights, or None (kernels unavailable).
+
+    ``ids`` (int64) and ``codes`` (float32) have ``w``'s shape, ``offset`` / ``scale`` are ``(lines, k)``
+    in the storage dtype. Returns new ``(ids, codes, offset, scale)`` after ``iters`` rounds, the same
+    bits as ``core.quantize``'s pure-torch rounds; raises ``RuntimeError`` if a range overflows the dtype.
+    """
+    if torch.compiler.is_compiling() or not available():
+        return None
+    return torch.ops.optimum_splitquant.fit_mse.default(w, ids, codes, offset, scale, bits, iters)
 
 
 def _require_loaded() -> None:

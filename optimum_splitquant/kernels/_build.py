@@ -28,8 +28,10 @@ __all__ = ["KernelBuildError", "build_library", "cache_dir", "cache_root", "find
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("splitquant_cpu.cpp")
-# Compiled into the same library as SOURCE: the exact 1-D k-means search (core/kmeans.py's binned path).
+# Compiled into the same library as SOURCE: the exact 1-D k-means search (core/kmeans/'s binned path).
 KMEANS_SOURCE = Path(__file__).with_name("kmeans_cpu.cpp")
+# Also in the same library: least-squares range fitting (core/quantize.py's fit="mse").
+FIT_SOURCE = Path(__file__).with_name("fit_cpu.cpp")
 CACHE_ENV = "OPTIMUM_SPLITQUANT_CACHE"
 _TIMEOUT_S = 600
 
@@ -110,7 +112,7 @@ def _compiler_version(cxx: str) -> str:
 
 def build_library() -> Path:
     """Path of the compiled library, building it first if this source/toolchain has no cached build."""
-    sources = (SOURCE, KMEANS_SOURCE)
+    sources = (SOURCE, KMEANS_SOURCE, FIT_SOURCE)
     for path in sources:
         if not path.is_file():
             raise KernelBuildError(f"kernel source {path} is missing from the installation")

@@ -394,3 +394,46 @@ def test_row_chunking_does_not_change_the_bytes(clustering: str, monkeypatch: py
     chunked = quantize_weight(w, spec)
     assert torch.equal(whole.packed, chunked.packed)
     assert torch.equal(whole.scale, chunked.scale) and torch.equal(whole.offset, chunked.offset)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(2, 4, fit="mse"), QuantSpec(3, 2, group_size=32, fit="mse")], ids=str)
+def test_mse_fit_lowers_the_error_of_every_minilm_layer_kind(spec: QuantSpec) -> None:
+    """Same stored size as min-max; every real MiniLM layer reconstructs with a lower error."""
+    minmax = QuantSpec(spec.bits, spec.num_clusters, spec.group_size, fit="minmax")
+    for name, w in list(minilm_linear_weights().items())[:6]:
+        q = quantize_weight(w, spec)
+        ref = quantize_weight(w, minmax)
+        assert (q.packed.shape, q.scale.shape, q.offset.shape) == (ref.packed.shape, ref.scale.shape, ref.offset.shape)
+        ids, _ = decode_symbols(q.packed, q.in_features, spec)
+        assert int(ids.max()) < spec.num_clusters and bool((q.scale >= 0).all()), name
+        gain = sqnr_db(w, dequant(q, spec)) - sqnr_db(w, dequant(ref, minmax))
+        assert gain > 1.0, f"{name}: the least-squares ranges gained only {gain:.2f} dB over min-max"
+
+
+def test_mse_fit_is_deterministic_and_chunk_independent(monkeypatch: pytest.MonkeyPatch) -> None:
+    import optimum_splitquant.core.quantize as quantize_module
+
+    w = make_weight(64, 96)
+    spec = QuantSpec(2, 4, group_size=32, fit="mse")
+    first = quantize_weight(w, spec)
+    monkeypatch.setattr(quantize_module, "_CHUNK_WEIGHTS", 96 * 5)
+    again = quantize_weight(w, spec)
+    for a, b in zip((first.packed, first.scale, first.offset), (again.packed, again.scale, again.offset), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["kernels", "torch"])
+def test_mse_fit_ranges_beyond_float16_raise(compiled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fitted offset past float16's range is refused with the remedy, on both paths."""
+    from optimum_splitquant import kernels
+    from optimum_splitquant.core import quantize as quantize_module
+
+    if not compiled:
+        monkeypatch.setattr(kernels, "available", lambda: False)
+    spec = QuantSpec(2, 1, fit="mse")
+    w = torch.full((1, 4), 70000.0)
+    zeros = torch.zeros(1, 4)
+    with pytest.raises(ValueError, match="scale_dtype='float32'"):
+        quantize_module._fit_mse(
+            w, zeros.long(), zeros, torch.zeros(1, 1, dtype=torch.float16), torch.ones(1, 1, dtype=torch.float16), spec
+        )

@@ -1,0 +1,52 @@
+"""The compiled least-squares range fitting gives the same bits as the pure-torch rounds."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from optimum_splitquant import kernels
+from optimum_splitquant.core import QuantSpec
+from optimum_splitquant.core import quantize as quantize_module
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="compiled kernels unavailable")
+
+CASES = list(
+    itertools.product((1, 2, 3, 4, 16), (2, 3, 8), (torch.float16, torch.bfloat16, torch.float32), (7, 64, 577))
+)
+
+
+def start(spec: QuantSpec, lines: int, width: int, seed: int):
+    """Weights with outliers and the min-max start the quantizer gives the rounds (random cluster ids)."""
+    gen = torch.Generator().manual_seed(seed)
+    k = spec.num_clusters
+    w = 0.05 * torch.randn(lines, width, generator=gen)
+    w.view(-1)[::11] *= 9
+    ids = torch.randint(0, k, (lines, width), generator=gen)
+    lo = torch.full((lines, k), torch.inf).scatter_reduce_(1, ids, w, "amin")
+    hi = torch.full((lines, k), -torch.inf).scatter_reduce_(1, ids, w, "amax")
+    empty = torch.isinf(lo)
+    offset, scale = quantize_module._stored_range(lo.masked_fill(empty, 0), hi.masked_fill(empty, 0), spec)
+    codes = quantize_module._codes(w, offset.float().gather(1, ids), scale.float().gather(1, ids), spec)
+    return w, ids, codes, offset, scale
+
+
+@pytest.mark.parametrize(("k", "bits", "dtype", "width"), CASES)
+def test_fit_kernel_bit_identical_to_torch(k, bits, dtype, width, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = QuantSpec(bits, k, scale_dtype=dtype, fit="mse")
+    args = start(spec, 13, width, seed=k * 100 + bits)
+    native = quantize_module._fit_mse(*args, spec)
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    reference = quantize_module._fit_mse(*args, spec)
+    for name, a, b in zip(("ids", "codes", "offset", "scale"), native, reference, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+def test_fit_kernel_refuses_out_of_range_ids() -> None:
+    spec = QuantSpec(2, 2, fit="mse")
+    w, ids, codes, offset, scale = start(spec, 3, 8, seed=0)
+    ids[0, 0] = 5
+    with pytest.raises(RuntimeError, match="ids out of range"):
+        kernels.fit_mse(w, ids, codes, offset, scale, spec.bits, 2)
