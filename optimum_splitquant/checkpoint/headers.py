@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -23,8 +24,15 @@ __all__ = [
     "TensorInfo",
     "check_consistency",
     "header_metadata",
+    "parse_format_version",
     "read_checkpoint_index",
 ]
+
+_VERSION_SYNTAX = re.compile(r"[1-9][0-9]{0,8}")
+"""A format version as :func:`header_metadata` writes it: ASCII digits, no sign, no leading zero, at most 9 digits."""
+
+MAX_SETTINGS_CHARS = 65536
+"""Longest ``splitquant_settings`` value read; a real one is under 200 characters."""
 
 
 @dataclass(frozen=True)
@@ -103,21 +111,14 @@ def check_consistency(index: CheckpointIndex, supported_version: int, settings: 
             raise ValueError(
                 f"{name}: header has no {METADATA_FORMAT_KEY}; not written by optimum-splitquant, or damaged"
             )
-        if not version.isdigit() or int(version) > supported_version:
-            raise ValueError(
-                f"{name}: checkpoint format version {version!r} is not readable by this release "
-                f"(reads <= {supported_version}); upgrade optimum-splitquant"
-            )
+        parse_format_version(version, name, supported_version)
         stored = meta.get(METADATA_SETTINGS_KEY)
         if stored is not None:
-            try:
-                stored_settings = json.loads(stored)
-            except ValueError:
-                raise ValueError(f"{name}: header field {METADATA_SETTINGS_KEY} is not valid JSON") from None
+            stored_settings = _parse_settings(stored, name)
             if stored_settings != settings:
                 raise ValueError(
-                    f"{name}: its tensors were written with {stored_settings} but config.json says {settings}; "
-                    "config.json and the weights come from different saves"
+                    f"{name}: its tensors were written with {_brief(stored_settings)} but config.json says "
+                    f"{settings}; config.json and the weights come from different saves"
                 )
         save_ids.add(meta.get(METADATA_SAVE_ID_KEY))
     if len(save_ids) > 1:
@@ -125,6 +126,68 @@ def check_consistency(index: CheckpointIndex, supported_version: int, settings: 
             "the checkpoint's shards come from different saves (an interrupted save over an older checkpoint?); "
             "save the model again"
         )
+
+
+def parse_format_version(value: str, file: str, supported_version: int) -> int:
+    """The SplitQuant format version in header field ``splitquant_format_version`` of ``file``.
+
+    Only what :func:`header_metadata` writes is accepted: ASCII decimal digits without sign or
+    leading zero (so ``"01"`` and ``"+1"`` are refused, as are full-width or other Unicode digits),
+    with a value in ``1..supported_version``. Anything else raises ``ValueError`` naming ``file``
+    and the field: a larger well-formed number (up to 9 digits) says to upgrade, the rest (``"0"``,
+    ``"-1"``, ``"01"``, a full-width ``"\\uff11"``, thousands of digits) says the header is damaged.
+    """
+    field_name = f"{file}: header field {METADATA_FORMAT_KEY}"
+    if isinstance(value, str) and _VERSION_SYNTAX.fullmatch(value):
+        version = int(value)
+        if version <= supported_version:
+            return version
+        raise ValueError(
+            f"{file}: checkpoint format version {value!r} (header field {METADATA_FORMAT_KEY}) was written by a "
+            f"newer optimum-splitquant; this release reads versions 1..{supported_version}: upgrade with "
+            "`pip install -U optimum-splitquant`"
+        )
+    raise ValueError(
+        f"{field_name} is {_brief(value)}, not a format version (a plain decimal integer in "
+        f"1..{supported_version}, no sign or leading zeros); the file is damaged or was not written by "
+        "optimum-splitquant: save the model again"
+    )
+
+
+def _parse_settings(value: str, file: str) -> dict[str, Any]:
+    """Header field ``splitquant_settings`` of ``file`` as a dict; ``ValueError`` naming both if it is not one.
+
+    The length is bounded and a nesting too deep for the parser (``RecursionError``) is reported as
+    damage, so a crafted header cannot crash or stall the loader.
+    """
+    field_name = f"{file}: header field {METADATA_SETTINGS_KEY}"
+    damaged = "the file is damaged or was not written by optimum-splitquant: save the model again"
+    if not isinstance(value, str):
+        raise ValueError(f"{field_name} is a {type(value).__name__}, not a JSON string; {damaged}")
+    if len(value) > MAX_SETTINGS_CHARS:
+        raise ValueError(
+            f"{field_name} is implausibly long ({len(value)} characters, at most {MAX_SETTINGS_CHARS}); {damaged}"
+        )
+    try:
+        settings = json.loads(value)
+    except RecursionError:
+        raise ValueError(f"{field_name} is JSON nested too deeply to be settings; {damaged}") from None
+    except ValueError as exc:
+        raise ValueError(f"{field_name} is not valid JSON ({exc}); {damaged}") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{field_name} is a JSON {type(settings).__name__}, not an object of settings; {damaged}")
+    return settings
+
+
+def _brief(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to about ``limit`` characters (with the full length), for error messages."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        return f"<{type(value).__name__} nested too deeply to show>"
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
 
 
 def read_checkpoint_index(files: Iterable[str | os.PathLike]) -> CheckpointIndex:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import shutil
 import tempfile
 import time
@@ -23,6 +24,37 @@ from .evaluate import evaluate_model, metrics_table
 from .models import auto_class, load_config, load_tokenizer, model_source, resolve_task, safetensors_bytes
 
 __all__ = ["cmd_quantize"]
+
+
+def _check_output(output: str, model: str) -> Path:
+    """The ``--output`` folder, refused when empty or when it is the input model's own folder.
+
+    Runs before anything is loaded or written: an empty value (an unset shell variable) would write
+    into the current directory, and the model's folder (also through a symlink or ``..``) would
+    have its float original replaced by the quantized one.
+    """
+    if not output.strip():
+        raise CliError(
+            "--output is empty (an unset shell variable?); give the folder to write the quantized model to, "
+            "e.g. --output ./model-int4 (use --output . to write into the current directory on purpose)"
+        )
+    path = Path(output).expanduser()
+    if _same_folder(path, Path(model).expanduser()):
+        raise CliError(
+            f"output {output!r} is the input model's folder {model!r}: saving there would replace the float "
+            "original; choose another --output folder"
+        )
+    return path
+
+
+def _same_folder(output: Path, model: Path) -> bool:
+    """Whether ``output`` is the existing local folder ``model`` (symlinks, ``..``, bind mounts included)."""
+    if not (model.exists() and output.exists()):
+        return False  # a Hub id or a new folder: nothing there to replace
+    try:
+        return os.path.samefile(output, model)
+    except OSError:
+        return output.resolve() == model.resolve()
 
 
 def _prepare_output(path: Path) -> bool:
@@ -106,17 +138,21 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     """``quantize``: float model → SplitQuant folder with tokenizer and model card (→ Hub)."""
     try:
         qconfig = SplitQuantConfig(
-            bits=args.bits, num_clusters=args.num_clusters, group_size=args.group_size, clustering=args.clustering
+            bits=args.bits,
+            num_clusters=args.num_clusters,
+            group_size=args.group_size,
+            clustering=args.clustering,
+            fit=args.fit,
         )
     except (ValueError, TypeError) as exc:
         raise CliError(str(exc)) from exc
+    output = _check_output(args.output, args.model)
     if args.push_to_hub:
         _check_can_push()
     config = load_config(args.model)
     if getattr(config, "quantization_config", None):
         raise CliError(f"{args.model!r} is already quantized; quantize its float original instead")
     task = resolve_task(config, args.task)
-    output = Path(args.output).expanduser()
     created = _prepare_output(output)
     source = model_source(args.model)
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from ..checkpoint.format import FORMAT_VERSION
 from ..checkpoint.headers import check_consistency, read_checkpoint_index
@@ -41,25 +41,41 @@ def verify_checkpoint(path: str | os.PathLike, *, load: bool = True) -> Checkpoi
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ValueError(f"{folder}: no config.json")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise ValueError(f"{config_file}: not valid JSON ({exc})") from None
+    config = _read_json(config_file, "restore the config.json saved with the model")
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"{config_file}: expected a JSON object of model settings, found a JSON {_json_type(config)}; "
+            "restore the config.json saved with the model"
+        )
+    _check_architectures(config, config_file)
     files = _weight_files(folder)
     index = read_checkpoint_index(folder / f for f in files)
     quantized = index.quantized_modules()
     qc = config.get("quantization_config")
-    if not qc:
+    if qc is None or qc == {}:
         if quantized:
             raise ValueError(
                 f"{folder}: the weights are SplitQuant tensors but config.json has no quantization_config "
                 "(stripped?); transformers would load random float weights — restore the saved config.json"
             )
         raise ValueError(f"{folder}: not a SplitQuant checkpoint (config.json has no quantization_config)")
-    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
-        method = qc.get("quant_method") if isinstance(qc, dict) else qc
-        raise ValueError(f"{folder}: quantization_config is for {method!r}, not {QUANT_METHOD!r}")
-    qconfig = SplitQuantConfig.from_dict(dict(qc))
+    if not isinstance(qc, dict):
+        raise ValueError(
+            f"{config_file}: quantization_config must be a JSON object (a saved SplitQuantConfig such as "
+            f'{{"quant_method": "{QUANT_METHOD}", "bits": 4, ...}}), found a JSON {_json_type(qc)} {_brief(qc)}; '
+            "restore the config.json saved with the model"
+        )
+    method = qc.get("quant_method")
+    if method != QUANT_METHOD:
+        found = "has no quant_method" if method is None else f"has quant_method {_brief(method)}"
+        raise ValueError(
+            f'{config_file}: quantization_config {found}, not "{QUANT_METHOD}"; this is not a SplitQuant '
+            "checkpoint (load it with the library that wrote it) or its config.json is damaged"
+        )
+    try:
+        qconfig = SplitQuantConfig.from_dict(dict(qc))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{config_file}: invalid quantization_config: {exc}") from None
     check_consistency(index, FORMAT_VERSION, qconfig.storage_settings())
     layers, bits = len(quantized), None
     if load:
@@ -69,13 +85,55 @@ def verify_checkpoint(path: str | os.PathLike, *, load: bool = True) -> Checkpoi
     return CheckpointReport(str(folder), tuple(files), qconfig, layers, bits)
 
 
+def _read_json(file: Path, fix: str) -> object:
+    """``file`` parsed as JSON; ``ValueError`` naming it when it is not (including nesting too deep to parse)."""
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise ValueError(f"{file}: JSON nested too deeply to parse (damaged or crafted); {fix}") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{file}: not valid JSON ({exc}); {fix}") from None
+
+
+def _json_type(value: object) -> str:
+    """The JSON name of a parsed value's type, for messages."""
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _brief(value: object, limit: int = 60) -> str:
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        text = type(value).__name__
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _check_architectures(config: dict, config_file: Path) -> None:
+    """``architectures``, when present, must be a list of class names (transformers loads the first)."""
+    arch = config.get("architectures")
+    if arch is None:
+        return
+    if not isinstance(arch, list) or not all(isinstance(a, str) and a for a in arch):
+        raise ValueError(
+            f"{config_file}: architectures must be a list of model class names such as "
+            f'["BertModel"], found {_brief(arch)}; restore the config.json saved with the model'
+        )
+
+
 def _weight_files(folder: Path) -> list[str]:
     index_file = folder / _INDEX
     if index_file.is_file():
-        try:
-            weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{index_file}: not a valid safetensors index ({exc})") from None
+        index = _read_json(index_file, "save the model again, or restore the index saved with it")
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(
+                f'{index_file}: not a valid safetensors index (needs a non-empty "weight_map" object of '
+                "tensor name -> shard file); save the model again, or restore the index saved with it"
+            )
+        root = folder.resolve()
+        for tensor, shard in weight_map.items():
+            _check_shard_entry(folder, root, tensor, shard)
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not (folder / f).is_file()]
         if missing:
@@ -86,3 +144,22 @@ def _weight_files(folder: Path) -> list[str]:
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
         raise ValueError(f"{folder}: only pickle weights found; SplitQuant reads safetensors only")
     raise ValueError(f"{folder}: no model.safetensors or {_INDEX}")
+
+
+def _check_shard_entry(folder: Path, root: Path, tensor: str, shard: object) -> None:
+    """Refuse a ``weight_map`` entry that names no file inside ``folder``.
+
+    Absolute paths, ``..`` components and directories that are symlinks leading out of the folder
+    are refused, so a crafted index cannot make verification read files elsewhere. The shard file
+    itself may be a symlink (the Hugging Face cache links snapshot files to its blob store).
+    """
+    where = f"{folder / _INDEX}: weight_map entry {tensor!r} -> {_brief(shard, 300)}"
+    fix = "shards must be files inside the checkpoint folder; the index is damaged or crafted — do not load it"
+    if not isinstance(shard, str) or not shard.strip():
+        raise ValueError(f"{where} is not a file name; {fix}")
+    rel = PurePosixPath(shard.replace("\\", "/"))
+    if rel.is_absolute() or PureWindowsPath(shard).is_absolute() or PureWindowsPath(shard).drive or ".." in rel.parts:
+        raise ValueError(f"{where} points outside the checkpoint folder; {fix}")
+    parent = (folder / rel).parent.resolve()
+    if parent != root and root not in parent.parents:
+        raise ValueError(f"{where} leads outside the checkpoint folder through a symlink (to {parent}); {fix}")

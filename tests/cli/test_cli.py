@@ -405,3 +405,57 @@ def test_demo_full_run(tmp_path):
     assert acc["FP32"] >= 0.97
     assert acc["plain INT2 (k=1)"] < acc["SplitQuant INT2 (k=3)"] <= acc["FP32"] + 0.01
     assert acc["SplitQuant INT2 (k=4)"] >= acc["SplitQuant INT2 (k=3)"] - 0.01
+
+
+# ---- output folder checks --------------------------------------------------------------------------
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``folder`` with its bytes and modification time."""
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()
+    }
+
+
+def _must_not_load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the output folder was checked")
+
+
+@pytest.mark.parametrize("output", ["", "   "], ids=["empty", "blank"])
+def test_quantize_refuses_an_empty_output(output, tiny_base, tmp_path, monkeypatch, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "README.md").write_text("# my project\n")
+    (work / "config.json").write_text('{"mine": true}\n')
+    before = _snapshot(work)
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(quantize, "load_config", _must_not_load)
+    assert commands.main(["quantize", tiny_base, "--bits", "2", "--output", output]) == 1
+    _assert_one_error_line(capsys.readouterr().err, "--output is empty (an unset shell variable?)")
+    assert _snapshot(work) == before
+
+
+@pytest.mark.parametrize("spelling", ["same", "trailing-slash", "dotdot", "symlink"])
+def test_quantize_refuses_the_input_folder_as_output(spelling, tmp_path, monkeypatch, capsys):
+    torch.manual_seed(0)
+    model = Path(_save(BertModel(_bert_config()), tmp_path / "model"))
+    (tmp_path / "link").symlink_to(model, target_is_directory=True)
+    before = _snapshot(model)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(quantize, "load_config", _must_not_load)
+    output = {
+        "same": str(model),
+        "trailing-slash": f"{model}/",
+        "dotdot": "./model/../model",
+        "symlink": str(tmp_path / "link"),
+    }[spelling]
+    assert commands.main(["quantize", str(model), "--bits", "2", "--output", output]) == 1
+    _assert_one_error_line(capsys.readouterr().err, "is the input model's folder")
+    assert _snapshot(model) == before
+
+
+def test_quantize_output_check_allows_other_folders(tiny_base, tmp_path):
+    # A new folder, a sub-folder of the model, or a Hub id that merely looks like a path: all fine.
+    assert quantize._check_output(str(tmp_path / "out"), tiny_base) == tmp_path / "out"
+    assert quantize._check_output(str(Path(tiny_base) / "int2"), tiny_base) == Path(tiny_base) / "int2"
+    assert quantize._check_output("nobody/unknown-model", "nobody/unknown-model") == Path("nobody/unknown-model")
