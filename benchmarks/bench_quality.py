@@ -6,8 +6,10 @@ probe trained on FP32 features; SmolLM2-135M perplexity on held-out BBC News tex
 once from the shipped GGUF; ``--no-smollm`` skips it). Methods: see :mod:`benchmarks.methods`.
 Writes ``quality.json``, ``quality.md`` and ``quality.png`` to ``--out``::
 
-    python benchmarks/bench_quality.py --out benchmarks/results        # full run (about 30 min on 2 cores)
+    python benchmarks/bench_quality.py --out benchmarks/results        # full run (about 1 h on 2 cores)
     python benchmarks/bench_quality.py --quick --out /tmp/bench        # tiny inputs, few methods
+    python benchmarks/bench_quality.py --methods frontier --name frontier   # HQQ + SplitQuant grids
+    python benchmarks/bench_quality.py --table-from benchmarks/results/frontier.json   # redo tables, plot
 """
 
 from __future__ import annotations
@@ -33,15 +35,17 @@ import transformers
 from torch import nn
 
 from benchmarks.methods import (
+    METHOD_SETS,
     Applied,
     Method,
     all_methods,
     apply_method,
-    extra_methods,
     quick_methods,
     safetensors_bytes,
+    select_methods,
+    unsupported,
 )
-from benchmarks.output import machine_info, write_all
+from benchmarks.output import BUDGETS, machine_info, rewrite, write_all
 from benchmarks.tasks import BbcProbe, EmbeddingCosine, Perplexity, SmsAccuracy, Task
 from optimum_splitquant.cli import data
 
@@ -73,6 +77,9 @@ def time_forward(
 def run_task(task: Task, methods: list[Method], workdir: Path, repeats: int, *, collect: bool = True) -> dict[str, Any]:
     """Score every method on ``task``; a failing method is recorded with its error, the others still run.
 
+    A method that cannot apply to the task's model (a group size that does not divide a layer width,
+    see :func:`benchmarks.methods.unsupported`) is recorded as n/a (``row["na"]``) without running.
+
     ``collect`` runs the garbage collector after each method (frees big models early; ~0.3 s a call).
     """
     logger.info("task %s: %s", task.name, task.data_desc)
@@ -88,7 +95,13 @@ def run_task(task: Task, methods: list[Method], workdir: Path, repeats: int, *, 
             "bits": method.bits,
             "num_clusters": method.num_clusters,
             "group_size": method.group_size,
+            "fit": method.fit if method.kind == "splitquant" else None,
         }
+        reason = unsupported(method, fp32)
+        if reason:
+            logger.info("  %-24s n/a: %s", method.name, reason)
+            rows.append({**row, "na": reason})
+            continue
         applied = None
         try:
             if method.kind == "fp32":  # the reference itself: ratio 1 by definition
@@ -111,6 +124,8 @@ def run_task(task: Task, methods: list[Method], workdir: Path, repeats: int, *, 
                 forward_ms=round(1000 * model_s, 2),
                 forward_ratio=model_s / fp32_s,
             )
+            if applied.nominal_bits is not None:
+                row["nominal_bits"] = applied.nominal_bits
             logger.info(
                 "  %-24s %s=%.4f  bits=%.3f  quantize %.1f s  forward x%.2f",
                 method.name,
@@ -163,8 +178,10 @@ def build_tasks(args: argparse.Namespace) -> list[Task]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="benchmarks/results", help="output folder (default: benchmarks/results)")
-    p.add_argument("--name", default="quality", help="output file stem (default: quality)")
+    p.add_argument(
+        "--out", help="output folder (default: benchmarks/results; with --table-from: the first JSON's folder)"
+    )
+    p.add_argument("--name", help="output file stem (default: quality; with --table-from: the first JSON's stem)")
     p.add_argument("--quick", action="store_true", help="tiny inputs and one method per kind (for tests)")
     p.add_argument("--tasks", default=",".join(TASK_NAMES), help=f"comma-separated subset of {TASK_NAMES}")
     p.add_argument("--no-smollm", action="store_true", help="skip the SmolLM2 perplexity task")
@@ -172,7 +189,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier", help="SMS classifier folder (default: the demo's cached one)")
     p.add_argument("--smollm", help="causal LM folder (default: SmolLM2-135M converted from the shipped GGUF)")
     p.add_argument(
-        "--methods", help="comma-separated method names (default: all; quick: one per kind; also the g128 extras)"
+        "--methods",
+        help=f"comma-separated set names {list(METHOD_SETS)}, method names or glob patterns such as 'HQQ*' "
+        "(default: the 'default' set; with --quick: 'quick')",
+    )
+    p.add_argument("--list-methods", action="store_true", help="print the selected methods and exit")
+    p.add_argument(
+        "--budgets",
+        help="comma-separated bits-per-weight budgets of the best-at-budget table "
+        f"(default {','.join(f'{b:g}' for b in BUDGETS)})",
+    )
+    p.add_argument(
+        "--table-from",
+        nargs="+",
+        metavar="JSON",
+        help="run nothing: rewrite the Markdown, the plot and the best-at-budget table from saved result JSON(s) "
+        "(several are merged task by task; then give --name)",
     )
     p.add_argument("--repeats", type=int, help="timing repeats (default 5, quick 1)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -198,18 +230,37 @@ def main(argv: list[str] | None = None) -> int:
             hf_logging.enable_progress_bar()
 
 
+def _budgets(args: argparse.Namespace) -> tuple[float, ...] | None:
+    if not args.budgets:
+        return None
+    try:
+        return tuple(float(b) for b in args.budgets.split(",") if b.strip())
+    except ValueError as exc:
+        raise SystemExit(f"--budgets: {exc}") from None
+
+
 def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
+    budgets = _budgets(args)
+    if args.table_from:
+        if len(args.table_from) > 1 and not args.name:
+            raise SystemExit("--table-from with several JSON files needs --name")
+        paths = rewrite([Path(p) for p in args.table_from], args.out and Path(args.out), args.name, budgets)
+        logger.info("wrote %s", ", ".join(str(p) for p in paths))
+        return 0
+    if args.methods:
+        try:
+            methods = select_methods(args.methods)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
+    else:
+        methods = quick_methods() if args.quick else all_methods()
+    if args.list_methods:
+        for m in methods:
+            print(f"{m.name}\t{m.family}")
+        return 0
     torch.manual_seed(0)
     started = time.perf_counter()
     machine = machine_info()
-    methods = quick_methods() if args.quick else all_methods()
-    if args.methods:
-        by_name = {m.name: m for m in all_methods() + extra_methods()}
-        names = [n.strip() for n in args.methods.split(",") if n.strip()]
-        missing = [n for n in names if n not in by_name]
-        if missing:
-            raise SystemExit(f"unknown method(s) {missing}; choose from {list(by_name)}")
-        methods = [by_name[n] for n in names]
     repeats = args.repeats or (1 if args.quick else 5)
     command = "python benchmarks/bench_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
     result: dict[str, Any] = {
@@ -224,7 +275,8 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
         for task in build_tasks(args):
             result["tasks"].append(run_task(task, methods, Path(tmp), repeats, collect=not args.quick))
             result["wall_s"] = round(time.perf_counter() - started, 1)
-            paths = write_all(result, Path(args.out), args.name)  # after every task: a long run keeps what it did
+            # after every task: a long run keeps what it did
+            paths = write_all(result, Path(args.out or "benchmarks/results"), args.name or "quality", budgets)
             logger.info(
                 "wrote %s (%d task(s), %.0f s)",
                 ", ".join(str(p) for p in paths),

@@ -2,17 +2,28 @@
 
 Every method quantizes the same layers: the eligible Linear layers minus what SplitQuant's default
 head policy keeps in float (task head, tied output embeddings). Effective bits per weight count
-every stored tensor of the quantized layers (codes, cluster ids, scales, offsets / shifts) over
-the number of original weights.
+every stored tensor of the quantized layers (codes, cluster ids, scales, offsets / shifts / zeros)
+over the number of original weights.
+
+Method sets (``--methods`` of ``bench_quality.py`` takes set names, method names or glob patterns):
+``default`` (:func:`all_methods`), ``extra`` (:func:`extra_methods`), ``frontier``
+(:func:`frontier_methods`: an HQQ grid, a pruned SplitQuant grid with ``fit="minmax"`` and ``fit="mse"``,
+quanto qint4), ``frontier-full`` (the SplitQuant product unpruned) and ``quick`` (:func:`quick_methods`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
+import io
 import logging
+import math
 import shutil
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import product
 from pathlib import Path
 
 import torch
@@ -21,21 +32,39 @@ from torch import nn
 from optimum_splitquant import SplitQuantConfig, quantize_model, size_report
 from optimum_splitquant.layers import eligible_layers, resolve_modules_to_not_convert
 
-__all__ = ["Applied", "Method", "all_methods", "apply_method", "extra_methods", "quick_methods", "safetensors_bytes"]
+__all__ = [
+    "FRONTIER_SPLITQUANT",
+    "METHOD_SETS",
+    "Applied",
+    "Method",
+    "all_methods",
+    "apply_method",
+    "expected_bits",
+    "extra_methods",
+    "frontier_methods",
+    "hqq_methods",
+    "quick_methods",
+    "safetensors_bytes",
+    "select_methods",
+    "splitquant_grid",
+    "splitquant_method",
+    "unsupported",
+]
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Method:
-    """One quantization setting. ``family`` is the line it belongs to in the plot."""
+    """One quantization setting. ``family`` is the line it belongs to in the plot and the budget table."""
 
     name: str
     family: str
-    kind: str  # "fp32" | "splitquant" | "quanto" | "split+quanto"
+    kind: str  # "fp32" | "splitquant" | "quanto" | "split+quanto" | "hqq"
     bits: int | None = None
     num_clusters: int = 3
     group_size: int | None = None
+    fit: str = "minmax"  # SplitQuantConfig.fit (SplitQuant kinds only)
 
     @property
     def slug(self) -> str:
@@ -63,10 +92,157 @@ def extra_methods() -> list[Method]:
     )
 
 
+# ---- the frontier set: edit these to change the grid ----------------------------------------------
+#: Expected effective bits per weight a frontier config must land in, on every width of FRONTIER_WIDTHS.
+FRONTIER_RANGE = (3.0, 6.5)
+#: Hidden widths of the benchmark's models: SmolLM2-135M (576) and all-MiniLM-L6-v2 (384).
+FRONTIER_WIDTHS = (576, 384)
+HQQ_BITS = (2, 3, 4)
+HQQ_GROUPS = (16, 32, 64, 128)
+#: The SplitQuant product that ``frontier-full`` runs (filtered by FRONTIER_RANGE).
+SPLITQUANT_BITS = (2, 3, 4)
+SPLITQUANT_CLUSTERS = (1, 2, 3, 4)
+SPLITQUANT_GROUPS = (None, 32, 64, 128, 192)
+SPLITQUANT_FITS = ("minmax", "mse")
+#: The pruned SplitQuant grid that ``frontier`` runs: (bits, num_clusters, group_size), each with every
+#: fit of SPLITQUANT_FITS (20 x 2 = 40 configs). Comments: expected bits on 576 / 384-wide layers. The
+#: full product in range has 43 triples; this keeps a few candidates just under each budget of
+#: output.BUDGETS and drops near-duplicates (k=3 with groups, g32 with k>=2, g192 where g128/None is close).
+#: g128 does not divide SmolLM2's 576: those rows are n/a there (g64 and g192 do divide it).
+FRONTIER_SPLITQUANT: tuple[tuple[int, int, int | None], ...] = (
+    (2, 1, 32),  # 3.00
+    (3, 1, None),  # 3.06 / 3.08
+    (2, 2, None),  # 3.11 / 3.17
+    (3, 1, 128),  # 3.25 (MiniLM only)
+    (3, 1, 64),  # 3.50
+    (3, 1, 32),  # 4.00
+    (2, 2, 64),  # 4.00
+    (4, 1, None),  # 4.06 / 4.08
+    (3, 2, None),  # 4.11 / 4.17
+    (2, 3, None),  # 4.17 / 4.25
+    (2, 4, None),  # 4.22 / 4.33
+    (4, 1, 128),  # 4.25 (MiniLM only)
+    (3, 2, 192),  # 4.33
+    (4, 1, 64),  # 4.50
+    (2, 3, 192),  # 4.50
+    (4, 1, 32),  # 5.00
+    (3, 2, 64),  # 5.00
+    (4, 2, None),  # 5.11 / 5.17
+    (3, 4, None),  # 5.22 / 5.33
+    (4, 2, 64),  # 6.00
+)
+
+
+def expected_bits(bits: int, num_clusters: int, group_size: int | None, width: int) -> float:
+    """SplitQuant's stored bits per weight on a layer ``width`` inputs wide: codes, cluster ids, and a float16
+    scale and offset per (row or group, cluster)."""
+    return bits + math.ceil(math.log2(num_clusters)) + 2 * num_clusters * 16 / (group_size or width)
+
+
+def hqq_expected_bits(nbits: int, group_size: int) -> float:
+    """HQQ's nominal bits per weight: ``nbits`` codes and a float16 scale and zero per group."""
+    return nbits + 32 / group_size
+
+
+def _in_range(values: list[float], bounds: tuple[float, float] = FRONTIER_RANGE) -> bool:
+    return all(bounds[0] - 1e-9 <= v <= bounds[1] + 1e-9 for v in values)
+
+
+def splitquant_grid(
+    bits: tuple[int, ...] = SPLITQUANT_BITS,
+    clusters: tuple[int, ...] = SPLITQUANT_CLUSTERS,
+    groups: tuple[int | None, ...] = SPLITQUANT_GROUPS,
+) -> list[tuple[int, int, int | None]]:
+    """Every (bits, num_clusters, group_size) whose expected bits are in FRONTIER_RANGE on every FRONTIER_WIDTHS."""
+    return [
+        (b, k, g)
+        for b, k, g in product(bits, clusters, groups)
+        if _in_range([expected_bits(b, k, g, w) for w in FRONTIER_WIDTHS])
+    ]
+
+
+def splitquant_method(bits: int, num_clusters: int, group_size: int | None, fit: str) -> Method:
+    """A frontier SplitQuant method: ``plain INT4 k=1 g64 mse``, ``SplitQuant INT2 k=4 minmax``, ..."""
+    plain = num_clusters == 1
+    name = f"{'plain' if plain else 'SplitQuant'} INT{bits} k={num_clusters}{f' g{group_size}' if group_size else ''} {fit}"
+    family = f"plain {fit} (k=1)" if plain else f"SplitQuant {fit} (k>=2)"
+    return Method(name, family, "splitquant", bits, num_clusters, group_size, fit)
+
+
+def hqq_methods() -> list[Method]:
+    """HQQ (calibration-free, half-quadratic zero/scale fit) for HQQ_BITS x HQQ_GROUPS within FRONTIER_RANGE."""
+    configs = [(b, g) for b, g in product(HQQ_BITS, HQQ_GROUPS) if _in_range([hqq_expected_bits(b, g)])]
+    configs.sort(key=lambda c: (hqq_expected_bits(*c), c[0]))
+    return [Method(f"HQQ {b}-bit g{g}", "HQQ", "hqq", b, 1, g) for b, g in configs]
+
+
+def frontier_methods(full: bool = False) -> list[Method]:
+    """FP32, quanto qint4, the HQQ grid and the SplitQuant grid (FRONTIER_SPLITQUANT, or with ``full`` every
+    triple of :func:`splitquant_grid`), each SplitQuant triple with every fit, ordered by expected bits."""
+    triples = splitquant_grid() if full else list(FRONTIER_SPLITQUANT)
+    triples.sort(key=lambda t: (expected_bits(*t, FRONTIER_WIDTHS[0]), t))
+    methods = [Method("FP32", "FP32", "fp32"), Method("quanto qint4", "optimum-quanto", "quanto", 4)]
+    methods += hqq_methods()
+    methods += [splitquant_method(*t, fit) for t in triples for fit in SPLITQUANT_FITS]
+    return methods
+
+
 def quick_methods() -> list[Method]:
     """One method of each kind, for tests."""
-    wanted = {"FP32", "plain INT2 (k=1)", "quanto qint4", "split + quanto qint4", "SplitQuant INT2 (k=3)"}
-    return [m for m in all_methods() if m.name in wanted]
+    wanted = {
+        "FP32",
+        "plain INT2 (k=1)",
+        "quanto qint4",
+        "split + quanto qint4",
+        "SplitQuant INT2 (k=3)",
+        "HQQ 4-bit g64",
+    }
+    return [m for m in all_methods() + hqq_methods() if m.name in wanted]
+
+
+METHOD_SETS: dict[str, Callable[[], list[Method]]] = {
+    "default": all_methods,
+    "extra": extra_methods,
+    "frontier": frontier_methods,
+    "frontier-full": lambda: frontier_methods(full=True),
+    "quick": quick_methods,
+}
+
+
+def _universe() -> dict[str, Method]:
+    out: dict[str, Method] = {}
+    for make in METHOD_SETS.values():
+        for m in make():
+            if out.setdefault(m.name, m) != m:
+                raise AssertionError(f"two different methods named {m.name!r}")
+    return out
+
+
+def select_methods(spec: str) -> list[Method]:
+    """Methods named by ``spec``: comma-separated set names (METHOD_SETS), method names or glob patterns
+    (``"FP32,HQQ*,*g64 mse"``), in order, without duplicates. Raises ValueError on a name matching nothing."""
+    universe = _universe()
+    chosen: dict[str, Method] = {}
+    unknown = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        if item in METHOD_SETS:
+            found = METHOD_SETS[item]()
+        elif item in universe:
+            found = [universe[item]]
+        else:
+            found = [m for name, m in universe.items() if any(c in item for c in "*?[") and fnmatch.fnmatch(name, item)]
+        if not found:
+            unknown.append(item)
+        for m in found:
+            chosen.setdefault(m.name, m)
+    if unknown:
+        raise ValueError(
+            f"unknown method(s) {unknown}; choose set names {list(METHOD_SETS)}, glob patterns or names from "
+            f"{list(universe)}"
+        )
+    return list(chosen.values())
 
 
 @dataclass
@@ -78,10 +254,47 @@ class Applied:
     quantize_s: float
     size_bytes: int
     size_kind: str  # "safetensors" or "in memory"
+    nominal_bits: float | None = None  # what the method's formula says, where it differs from storage (HQQ)
 
 
 def _kept(model: nn.Module) -> list[str]:
     return resolve_modules_to_not_convert(model, None)
+
+
+def _quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    kept = set(_kept(model))
+    return {n: m for n, m in eligible_layers(model).items() if n not in kept}
+
+
+# HQQ packs its codes along the group axis: 2-bit four groups to a byte, 4-bit two (3-bit pads to 10 per int32).
+_HQQ_PACK = {2: 4, 4: 2}
+
+
+def unsupported(method: Method, model: nn.Module) -> str | None:
+    """Why ``method`` cannot quantize ``model``'s quantized layers (reported n/a for the task), else None.
+
+    SplitQuant needs ``group_size`` to divide every input width (it raises ValueError otherwise). HQQ
+    groups consecutive weights of the row-major flattened matrix (``axis=1``), so it only needs the group
+    size to be a multiple of 8 dividing ``out * in`` with a group count its bit packing can split; a group
+    then may straddle two rows when it does not divide the width. HQQLinear only replaces ``nn.Linear``.
+    """
+    if method.kind not in ("splitquant", "hqq"):
+        return None
+    for name, layer in _quantized_layers(model).items():
+        if method.kind == "hqq" and type(layer) is not nn.Linear:
+            return f"HQQ only quantizes nn.Linear; {name} is a {type(layer).__name__}"
+        if method.group_size is None:
+            continue
+        g = method.group_size
+        if method.kind == "splitquant":
+            width = getattr(layer, "in_features", None)  # Linear; other kinds are left to SplitQuant's own check
+            if width is not None and width % g:
+                return f"group_size={g} does not divide the input width {width} of {name}"
+        else:
+            numel = layer.weight.numel()
+            if g % 8 or numel % g or (numel // g) % _HQQ_PACK.get(method.bits, 1):
+                return f"HQQ group_size={g} does not split {name} ({tuple(layer.weight.shape)}) into packable groups"
+    return None
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:
@@ -118,16 +331,82 @@ def safetensors_bytes(model: nn.Module, workdir: Path, slug: str) -> int:
     return size
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """HQQ prints its (deprecation) notices with ``print``; keep them out of the benchmark's log."""
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _hqq_group_bytes(layer: nn.Module) -> int:
+    """The scale and zero of every group of an HQQLinear (kept in ``layer.meta``, not registered tensors)."""
+    meta = layer.meta
+    if "scale" not in meta or "zero" not in meta or meta.get("quant_scale") or meta.get("quant_zero"):
+        raise RuntimeError(f"unexpected HQQ meta layout {sorted(meta)}: cannot count its stored bytes")
+    return _tensor_bytes(meta["scale"]) + _tensor_bytes(meta["zero"])
+
+
+def _hqq_bias_bytes(layer: nn.Module) -> int:
+    """HQQLinear keeps the bias as a plain tensor attribute (not a registered parameter)."""
+    bias = layer.bias
+    return _tensor_bytes(bias) if isinstance(bias, torch.Tensor) and not isinstance(bias, nn.Parameter) else 0
+
+
+def _apply_hqq(method: Method, model: nn.Module) -> tuple[float, float, int]:
+    """Replace every quantized ``nn.Linear`` by HQQ's ``HQQLinear``; returns (seconds, bits/weight, model bytes).
+
+    HQQ is calibration-free. Its defaults (``BaseQuantizeConfig``: axis=1, proximal zero-point
+    optimization) are kept; the compute dtype is float32 on CPU, so HQQ would keep the scale and zero of
+    each group in float32: they are cast to float16 right after quantizing, which is how HQQ stores them
+    in its usual float16 setting, and the model is measured with those float16 values (``forward``
+    computes ``(W_q - zero) * scale`` in float32 from them). ``HQQLinear.forward`` (PyTorch backend)
+    works on CPU with float32 ``(batch, seq, in)`` inputs: it dequantizes the layer on every call, so its
+    forward time is that of HQQ's reference path, not of a fused kernel.
+
+    Bits per weight are counted from what the layers store (not from the formula): the packed codes
+    ``W_q`` plus the float16 scale and zero of every group. For 2 and 4 bits that is exactly
+    ``nbits + 32 / group_size``; HQQ packs 3-bit codes ten to an int32 (3.2 bits each) and pads the
+    group count to a multiple of 10, so 3-bit rows cost a little more than the nominal formula.
+    """
+    with _quiet():
+        from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+        config = BaseQuantizeConfig(nbits=method.bits, group_size=method.group_size)
+        targets = list(_quantized_layers(model).items())
+        weights = sum(m.weight.numel() for _, m in targets)
+        start = time.perf_counter()
+        layers = []
+        for name, linear in targets:
+            layer = HQQLinear(linear, config, compute_dtype=torch.float32, device="cpu")
+            for key in ("scale", "zero"):
+                layer.meta[key] = layer.meta[key].to(torch.float16)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, layer)
+            layers.append(layer)
+        seconds = time.perf_counter() - start
+    code_bytes = sum(_tensor_bytes(layer.W_q) for layer in layers)
+    group_bytes = sum(_hqq_group_bytes(layer) for layer in layers)
+    bits = 8 * (code_bytes + group_bytes) / weights
+    # In memory: the registered parameters and buffers (W_q included) plus each layer's scales, zeros and bias.
+    return seconds, bits, _model_bytes(model) + group_bytes + sum(_hqq_bias_bytes(layer) for layer in layers)
+
+
 def apply_method(method: Method, load: Callable[[], nn.Module], workdir: Path) -> Applied:
     """Load a fresh float model with ``load`` and quantize it by ``method`` (timing the quantization only)."""
     model = load()
     if method.kind == "fp32":
         return Applied(model, 32.0, 0.0, safetensors_bytes(model, workdir, method.slug), "safetensors")
+    if method.kind == "hqq":
+        seconds, bits, size = _apply_hqq(method, model)
+        return Applied(model, bits, seconds, size, "in memory", hqq_expected_bits(method.bits, method.group_size))
     kept = _kept(model)
-    weights = sum(m.weight.numel() for n, m in eligible_layers(model).items() if n not in set(kept))
+    weights = sum(m.weight.numel() for m in _quantized_layers(model).values())
     start = time.perf_counter()
     if method.kind == "splitquant":
-        config = SplitQuantConfig(bits=method.bits, num_clusters=method.num_clusters, group_size=method.group_size)
+        config = SplitQuantConfig(
+            bits=method.bits, num_clusters=method.num_clusters, group_size=method.group_size, fit=method.fit
+        )
         quantize_model(model, config)
         seconds = time.perf_counter() - start
         report = size_report(model)

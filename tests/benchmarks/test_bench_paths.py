@@ -1,13 +1,14 @@
 """The quality benchmark's code paths on tiny random models and tiny slices of the real data.
 
 Every task (embedding cosine, SMS accuracy, BBC News probe, perplexity) and every method kind
-(FP32, plain, optimum-quanto, split + quanto, SplitQuant) runs once with ``--quick``; the real
+(FP32, plain, optimum-quanto, split + quanto, SplitQuant, HQQ) runs once with ``--quick``; the real
 models are replaced by tiny random ones through the path options (no SmolLM download or conversion).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from optimum_splitquant.cli.data import minilm_path
 
 pytest.importorskip("optimum.quanto")
 pytest.importorskip("matplotlib")
+pytest.importorskip("hqq")
 
 
 def _bert_config(**kwargs) -> BertConfig:
@@ -112,6 +114,10 @@ def test_every_method_ran_and_is_accounted_honestly(quick_run):
             rows["quanto qint4"]["size_kind"] == "in memory"
             and rows["SplitQuant INT2 (k=3)"]["size_kind"] == "safetensors"
         )
+        # HQQ: packed 4-bit codes and a float16 scale and zero per group of 64, counted from the layers.
+        hqq = rows["HQQ 4-bit g64"]
+        assert hqq["effective_bits"] == pytest.approx(4.5) and hqq["nominal_bits"] == pytest.approx(4.5)
+        assert hqq["size_kind"] == "in memory" and hqq["kind"] == "hqq"
         for r in rows.values():
             assert r["value"] is not None and r["forward_ratio"] > 0 and r["size_bytes"] > 0
 
@@ -139,8 +145,61 @@ def test_method_list_covers_the_comparison():
     assert "SplitQuant INT2 (k=4)" in names
     extras = methods.extra_methods()
     assert {m.group_size for m in extras} == {128, 64} and {m.group_size for m in methods.all_methods()} == {None}
-    everything = methods.all_methods() + extras
+    everything = list(methods._universe().values())  # every set; a name means one method everywhere
     assert len({m.slug for m in everything}) == len({m.name for m in everything}) == len(everything)
+    assert methods.select_methods("default") == methods.all_methods()
+    assert [m.name for m in methods.select_methods("FP32,HQQ 4*,FP32")] == ["FP32"] + [
+        f"HQQ 4-bit g{g}" for g in (128, 64, 32, 16)
+    ]
+
+
+def test_hqq_on_a_tiny_bert_reports_stored_bits_and_stays_close(tmp_path):
+    from hqq.core.quantize import HQQLinear
+
+    torch.manual_seed(0)
+    fp32 = BertModel(_bert_config()).eval()
+    ids = torch.randint(0, 1000, (2, 7))
+
+    def load():
+        model = BertModel(_bert_config()).eval()
+        model.load_state_dict(fp32.state_dict())
+        return model
+
+    with torch.no_grad():
+        ref = fp32(input_ids=ids).last_hidden_state
+        for bits, group in ((2, 16), (4, 32), (4, 128), (3, 64)):
+            # 128 does not divide the width 64: HQQ groups the flattened weights (groups straddle two rows)
+            method = methods.Method(f"HQQ {bits}-bit g{group}", "HQQ", "hqq", bits, 1, group)
+            assert methods.unsupported(method, fp32) is None
+            applied = methods.apply_method(method, load, tmp_path)
+            layers = [m for m in applied.model.modules() if isinstance(m, HQQLinear)]
+            assert len(layers) == 6 and all(m.meta["scale"].dtype == torch.float16 for m in layers)
+            assert applied.nominal_bits == pytest.approx(bits + 32 / group)
+            if bits == 3:  # ten 3-bit codes per int32 (3.2 bits), the group count padded to a multiple of 10
+                numels = [m.meta["shape"].numel() for m in layers]
+                stored = sum(32 * group * math.ceil(n / group / 10) + 32 * n / group for n in numels)
+                assert applied.effective_bits == pytest.approx(stored / sum(numels))
+                assert applied.effective_bits > 3.2 + 32 / group
+            else:
+                assert applied.effective_bits == pytest.approx(bits + 32 / group)
+            out = applied.model(input_ids=ids).last_hidden_state  # HQQLinear.forward on (batch, seq, in) float32
+            assert out.dtype == torch.float32 and out.shape == ref.shape
+            cosine = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
+            assert cosine > (0.9 if bits == 2 else 0.98)
+
+
+def test_a_group_size_that_does_not_divide_a_width_is_na_not_a_crash(tiny_models, tmp_path):
+    grid = [m for m in methods.frontier_methods() if m.kind == "splitquant" and m.group_size == 128][:1]
+    names = ["FP32", "SplitQuant INT3 k=2 g192 mse", grid[0].name, "SplitQuant INT2 k=2 mse"]
+    argv = ["--quick", "--tasks", "minilm", "--methods", ",".join(names), "--out", str(tmp_path), "--name", "f"]
+    assert bench_quality.main([*argv, f"--minilm={tiny_models['minilm']}"]) == 0  # n/a is not a failure
+    rows = {r["method"]: r for r in json.loads((tmp_path / "f.json").read_text())["tasks"][0]["rows"]}
+    assert "does not divide the input width 64" in rows["SplitQuant INT3 k=2 g192 mse"]["na"]
+    assert "does not divide the input width 64" in rows[grid[0].name]["na"]
+    assert rows["SplitQuant INT2 k=2 mse"]["value"] > 0.5 and rows["SplitQuant INT2 k=2 mse"]["fit"] == "mse"
+    md = (tmp_path / "f.md").read_text()
+    assert "| SplitQuant INT3 k=2 g192 mse | n/a: group_size=192 does not divide the input width 64" in md
+    assert "## Best at a bits-per-weight budget" in md
 
 
 def test_markdown_shows_a_failed_method():

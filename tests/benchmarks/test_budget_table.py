@@ -1,0 +1,141 @@
+"""The best-at-budget table and the frontier method grid, on hand-made results (no model runs)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from benchmarks import methods, output
+
+
+def _row(method: str, family: str, bits: float, value: float | None, kind: str = "splitquant", **extra) -> dict:
+    timing = {"size_bytes": 1000, "size_kind": "safetensors", "quantize_s": 1.0, "forward_ratio": 1.5}
+    return {"method": method, "family": family, "kind": kind, "effective_bits": bits, "value": value, **timing, **extra}
+
+
+def _result() -> dict:
+    cosine = [
+        _row("FP32", "FP32", 32.0, 1.0, kind="fp32"),
+        _row("HQQ 3-bit g64", "HQQ", 3.7, 0.95, kind="hqq"),
+        _row("HQQ 4-bit g128", "HQQ", 4.25, 0.97, kind="hqq"),
+        _row("HQQ 4-bit g64", "HQQ", 4.5, 0.99, kind="hqq"),
+        _row("HQQ 4-bit g32", "HQQ", 5.0, 0.985, kind="hqq"),  # more bits, worse: never the best
+        _row("SQ a", "SplitQuant mse (k>=2)", 3.5, 0.96),  # exactly on the 3.5 budget: counts
+        _row("SQ b", "SplitQuant mse (k>=2)", 4.1875, 0.98),
+        _row("SQ c", "SplitQuant mse (k>=2)", 4.0, 0.98),  # ties b with fewer bits: wins the tie
+        _row("SQ d", "SplitQuant mse (k>=2)", 4.3, 0.999, error="RuntimeError: boom"),
+        _row("SQ e", "SplitQuant mse (k>=2)", 4.4, 0.9999, na="group_size=128 does not divide 576"),
+        _row("SQ f", "SplitQuant mse (k>=2)", 4.45, math.nan),
+        _row("plain", "plain minmax (k=1)", 6.0625, 0.999),  # above every budget: none within budget
+        {"method": "quanto qint4", "family": "optimum-quanto", "kind": "quanto", "error": "ValueError: x"},
+    ]
+    ppl = [
+        _row("FP32", "FP32", 32.0, 24.9, kind="fp32"),
+        _row("HQQ 4-bit g128", "HQQ", 4.25, 40.0, kind="hqq"),
+        _row("HQQ 4-bit g64", "HQQ", 4.5, 30.0, kind="hqq"),
+        _row("HQQ 4-bit g16", "HQQ", 6.0, 26.0, kind="hqq"),
+        _row("SQ x", "SplitQuant mse (k>=2)", 4.1875, 35.0),
+        _row("SQ y", "SplitQuant mse (k>=2)", 5.14, 1e5),  # higher perplexity: worse despite more bits
+    ]
+    return {
+        "machine": output.machine_info(),
+        "command": "python benchmarks/bench_quality.py --methods frontier",
+        "tasks": [
+            {
+                "task": "cos",
+                "metric": "mean cosine to FP32",
+                "higher_is_better": True,
+                "model": "M",
+                "data": "d",
+                "rows": cosine,
+            },
+            {"task": "ppl", "metric": "perplexity", "higher_is_better": False, "model": "L", "data": "d", "rows": ppl},
+        ],
+    }
+
+
+def _names(cells: list) -> list:
+    return [None if c is None else c["method"] for c in cells]
+
+
+def test_best_config_per_budget_and_family():
+    table = output.budget_table(_result(), (3.5, 4.0, 4.25, 4.5, 5.0, 6.0))
+    cos, ppl = table["tasks"]
+    assert cos["families"] == ["HQQ", "SplitQuant mse (k>=2)", "plain minmax (k=1)", "optimum-quanto"]
+    assert cos["fp32"] == 1.0 and cos["higher_is_better"] and not ppl["higher_is_better"]
+    best = cos["best"]
+    hqq_cos = _names(best["HQQ"])
+    assert hqq_cos == [None, "HQQ 3-bit g64", "HQQ 4-bit g128", *["HQQ 4-bit g64"] * 3]
+    # errors, n/a and NaN rows never count; a tie goes to fewer bits
+    assert _names(best["SplitQuant mse (k>=2)"]) == ["SQ a"] + ["SQ c"] * 5
+    assert best["SplitQuant mse (k>=2)"][1] == {"method": "SQ c", "value": 0.98, "effective_bits": 4.0}
+    assert _names(best["plain minmax (k=1)"]) == [None] * 6  # none within budget
+    assert _names(best["optimum-quanto"]) == [None] * 6  # only a failed row
+    # lower is better for perplexity
+    hqq_ppl = _names(ppl["best"]["HQQ"])
+    assert hqq_ppl == [None, None, "HQQ 4-bit g128", "HQQ 4-bit g64", "HQQ 4-bit g64", "HQQ 4-bit g16"]
+    assert _names(ppl["best"]["SplitQuant mse (k>=2)"]) == [None, None] + ["SQ x"] * 4
+
+
+def test_budget_markdown_bolds_the_best_family_and_marks_none():
+    result = _result()
+    md = output.budget_markdown(output.budget_table(result, (3.5, 4.5)))
+    assert "### M: mean cosine to FP32 (higher is better; FP32 1.0000)" in md
+    assert "| budget | HQQ | SplitQuant mse (k>=2) | plain minmax (k=1) | optimum-quanto |" in md
+    assert "| <= 3.5 | - | **0.9600** SQ a (3.50) | - | - |" in md
+    assert "| <= 4.5 | **0.9900** HQQ 4-bit g64 (4.50) | 0.9800 SQ c (4.00) | - | - |" in md
+    assert "### L: perplexity (lower is better; FP32 24.90)" in md
+    assert "| <= 4.5 | **30.00** HQQ 4-bit g64 (4.50) | 35.00 SQ x (4.19) |" in md
+    assert "## Best at a bits-per-weight budget" in output.markdown(result)
+
+
+def test_table_from_saved_json_regenerates_without_running(tmp_path):
+    from benchmarks import bench_quality
+
+    result = _result()
+    first, second = dict(result, tasks=result["tasks"][:1]), dict(result, tasks=result["tasks"][1:])
+    (tmp_path / "a.json").write_text(json.dumps(first))
+    (tmp_path / "b.json").write_text(json.dumps(second))
+    assert bench_quality.main(["--table-from", str(tmp_path / "a.json"), "--budgets", "4,5"]) == 0
+    saved = json.loads((tmp_path / "a.json").read_text())
+    assert saved["budget_table"]["budgets"] == [4.0, 5.0] and (tmp_path / "a.md").exists()
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit, match="needs --name"):
+        bench_quality.main(["--table-from", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    argv = ["--table-from", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--name", "ab"]
+    assert bench_quality.main(argv) == 0
+    merged = json.loads((tmp_path / "ab.json").read_text())
+    assert [t["task"] for t in merged["tasks"]] == ["cos", "ppl"] and len(merged["merged_from"]) == 2
+    assert merged["budget_table"]["budgets"] == list(output.BUDGETS)  # a merge starts from the defaults
+    md = (tmp_path / "ab.md").read_text()
+    assert "| SQ e | n/a: group_size=128 does not divide 576 | | | | |" in md
+    assert "| <= 6 | **26.00** HQQ 4-bit g16 (6.00) |" in md
+
+
+def test_frontier_grid_stays_in_range_and_small():
+    assert methods.expected_bits(2, 4, None, 576) == pytest.approx(2 + 2 + 128 / 576)
+    assert methods.expected_bits(3, 1, 64, 384) == 3.5
+    frontier = methods.frontier_methods()
+    sq = [m for m in frontier if m.kind == "splitquant"]
+    hqq = [m for m in frontier if m.kind == "hqq"]
+    assert len(sq) <= 40 and {m.fit for m in sq} == {"minmax", "mse"}
+    for m in sq:
+        for width in (576, 384):
+            assert 3 <= methods.expected_bits(m.bits, m.num_clusters, m.group_size, width) <= 6.5
+        assert m.group_size in (None, 32, 64, 128, 192)
+        # every group size divides MiniLM's widths; only 128 misses SmolLM2's 576 (n/a there)
+        assert all(w % m.group_size == 0 for w in (384, 1536)) if m.group_size else True
+        assert 576 % m.group_size == 0 or m.group_size == 128 if m.group_size else True
+    assert {(m.bits, m.group_size) for m in hqq} == {(2, 16), (2, 32)} | {
+        (b, g) for b in (3, 4) for g in (16, 32, 64, 128)
+    }
+    assert all(3 <= methods.hqq_expected_bits(m.bits, m.group_size) <= 6.5 for m in hqq)
+    full = methods.frontier_methods(full=True)
+    assert {(m.bits, m.num_clusters, m.group_size) for m in full if m.kind == "splitquant"} == set(
+        methods.splitquant_grid()
+    )
+    assert set(methods.FRONTIER_SPLITQUANT) <= set(methods.splitquant_grid())
+    families = {m.family for m in frontier}
+    assert families >= {"HQQ", "SplitQuant minmax (k>=2)", "SplitQuant mse (k>=2)", "plain mse (k=1)"}
