@@ -100,6 +100,16 @@ class QuantSpec:
         """Packed bits per weight: cluster id and code together."""
         return self.bits + self.id_bits
 
+    def bits_per_weight(self, in_features: int) -> float:
+        """Effective stored bits per weight of a layer with rows of ``in_features`` weights.
+
+        Codes and cluster ids (:attr:`symbol_width`, rows padded to 8 symbols) plus a scale and an
+        offset per (row, group, cluster) in :attr:`scale_dtype`.
+        """
+        padded = -(-in_features // 8) * 8
+        side = 2 * self.num_clusters * self.num_groups(in_features) * torch.finfo(self.scale_dtype).bits
+        return (padded * self.symbol_width + side) / in_features
+
     def num_groups(self, in_features: int) -> int:
         """Range groups per row; raises if ``group_size`` does not divide ``in_features``."""
         if self.group_size is None:

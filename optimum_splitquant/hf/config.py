@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,6 +30,21 @@ _FIELDS = (
     "modules_to_not_convert",
     "format_version",
     "quant_method",
+)
+
+BUDGET_WIDTH = 512
+"""Row width at which :meth:`SplitQuantConfig.for_budget` counts a configuration's bits per weight:
+narrower rows cost more side data per weight, so layers of at least this many inputs stay within."""
+
+# The best SplitQuant configuration measured within each budget of stored bits per weight (MiniLM
+# embedding cosine and SmolLM2-135M perplexity, benchmarks/results/frontier.md), cheapest first.
+_BUDGET_TABLE: tuple[dict[str, Any], ...] = (
+    {"bits": 2, "num_clusters": 2, "fit": "mse"},
+    {"bits": 3, "num_clusters": 1, "group_size": 64, "fit": "mse"},
+    {"bits": 2, "num_clusters": 4, "fit": "mse"},
+    {"bits": 4, "num_clusters": 1, "group_size": 64, "fit": "mse"},
+    {"bits": 3, "num_clusters": 2, "group_size": 64, "fit": "mse"},
+    {"bits": 4, "num_clusters": 2, "group_size": 64, "fit": "mse"},
 )
 
 
@@ -102,6 +118,26 @@ class SplitQuantConfig(QuantizationConfigMixin):
         if version < 1:
             raise ValueError(f"format_version must be >= 1, got {version}")
         self.format_version = version
+
+    @classmethod
+    def for_budget(cls, bits_per_weight: float, **overrides: Any) -> SplitQuantConfig:
+        """The best configuration measured within ``bits_per_weight`` stored bits per weight.
+
+        Bits count everything stored (codes, cluster ids, scales, offsets) on rows of at least
+        :data:`BUDGET_WIDTH` inputs. ``overrides`` (e.g. ``modules_to_not_convert``) are passed on.
+        """
+        if isinstance(bits_per_weight, bool) or not isinstance(bits_per_weight, (int, float)):
+            raise TypeError(f"bits_per_weight must be a number, got {bits_per_weight!r}")
+        if not math.isfinite(bits_per_weight):
+            raise ValueError(f"bits_per_weight must be finite, got {bits_per_weight!r}")
+        fitting = [c for c in _BUDGET_TABLE if cls(**c).to_spec().bits_per_weight(BUDGET_WIDTH) <= bits_per_weight]
+        if not fitting:
+            smallest = cls(**_BUDGET_TABLE[0]).to_spec().bits_per_weight(BUDGET_WIDTH)
+            raise ValueError(
+                f"no SplitQuant configuration fits in {bits_per_weight} bits per weight; the smallest measured "
+                f"one stores {smallest:.3g} bits per weight"
+            )
+        return cls(**{**fitting[-1], **overrides})
 
     def to_spec(self) -> QuantSpec:
         """The pure-core settings for one weight."""

@@ -81,3 +81,28 @@ def test_unknown_key_in_saved_config_is_refused():
     data["future_option"] = True
     with pytest.raises(TypeError, match="future_option"):
         AutoQuantizationConfig.from_dict(data)
+
+
+@pytest.mark.parametrize("budget", [3.5, 4.0, 4.25, 4.5, 5.0, 6.0, 8.0])
+def test_for_budget_stays_within_the_budget_on_typical_widths(budget):
+    config = SplitQuantConfig.for_budget(budget)
+    spec = config.to_spec()
+    for width in (512, 576, 768, 1024, 1536, 2048, 4096, 11008):
+        if spec.group_size is None or width % spec.group_size == 0:
+            assert spec.bits_per_weight(width) <= budget, (budget, width, config.to_dict())
+    assert SplitQuantConfig.from_dict(config.to_dict()) == config
+
+
+def test_for_budget_gives_more_bits_to_larger_budgets_and_takes_overrides():
+    sizes = [SplitQuantConfig.for_budget(b).to_spec().bits_per_weight(512) for b in (3.5, 4.25, 5.0, 6.0)]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+    kept = SplitQuantConfig.for_budget(4.25, modules_to_not_convert=["classifier"])
+    assert kept.modules_to_not_convert == ["classifier"]
+
+
+@pytest.mark.parametrize(
+    ("value", "error"), [(3.0, ValueError), (float("nan"), ValueError), ("4", TypeError), (True, TypeError)]
+)
+def test_for_budget_refuses_what_it_cannot_meet(value, error):
+    with pytest.raises(error, match=r"bits per weight|bits_per_weight"):
+        SplitQuantConfig.for_budget(value)
