@@ -22,7 +22,6 @@ import ctypes.util
 import logging
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,11 +58,18 @@ def staged_folder(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh empty folder next to ``target``; when the block succeeds it becomes ``target``.
 
     A previous ``target`` folder is exchanged out (atomically where the OS allows) and removed;
-    if the block raises, the staging folder is removed and ``target`` is left as it was.
+    if the block raises, the staging folder is removed and ``target`` is left as it was. A symbolic
+    link ``target`` is followed (the folder it names is replaced, the link stays); a mount point is
+    refused with ``ValueError``.
     """
     target = Path(target)
+    if target.is_symlink():  # save into the folder the link names; the link itself stays
+        target = target.resolve()
+    if os.path.ismount(target):
+        raise ValueError(f"{target} is a mount point and cannot be replaced; save into a folder inside it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
+    staging = target.parent / f".{target.name}.saving-{uuid.uuid4().hex}"
+    staging.mkdir()  # the permissions of a plain mkdir (the umask applies), unlike mkdtemp's 0700
     try:
         yield staging
         if target.exists():
