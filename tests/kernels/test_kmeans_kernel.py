@@ -61,8 +61,18 @@ def odd_rows() -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize("k", [2, 3, 4], ids=lambda k: f"k{k}")
-@pytest.mark.parametrize("name", list(odd_rows()), ids=lambda s: s.replace(" ", "-").replace(",", ""))
+# The pure-torch search needs about 19 GB and 4 minutes for the outlier row at k = 4 (an open reliability
+# issue: its pairwise item tables are not bounded); that case is opt-in (-m slow) until the fallback is fixed.
+ODD_CASES = [
+    pytest.param(name, k, marks=pytest.mark.slow) if (name, k) == ("outliers", 4) else (name, k)
+    for name in odd_rows()
+    for k in (2, 3, 4)
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "k"), ODD_CASES, ids=lambda v: f"k{v}" if isinstance(v, int) else v.replace(" ", "-").replace(",", "")
+)
 def test_odd_rows_bit_identical(name: str, k: int, monkeypatch: pytest.MonkeyPatch) -> None:
     native, torch_path = both_paths(odd_rows()[name].float(), k, monkeypatch)
     assert_identical(native, torch_path, name)
