@@ -18,7 +18,7 @@ layer of the model (the task head: ``classifier``, ``score``, ``lm_head``, ...).
 
 from __future__ import annotations
 
-import logging
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -38,6 +38,7 @@ __all__ = [
     "LayerKind",
     "dequantize_model",
     "eligible_layers",
+    "float_layer_kind",
     "layer_kind",
     "quantize_layer",
     "replace_layers",
@@ -45,8 +46,6 @@ __all__ = [
     "set_submodule",
     "tied_parameter_keys",
 ]
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -62,12 +61,10 @@ class LayerKind:
         """``(rows, width)`` of ``module``'s weight seen as a matrix (float or quantized module)."""
         if isinstance(module, SplitQuantModule):
             return module.out_features, module.in_features
+        shape = module.weight.shape  # the shape of rows(weight), without touching its data (meta works)
         if self.name == "conv1d":
-            return module.nf, module.nx
-        if self.name == "conv2d":
-            kh, kw = module.kernel_size
-            return module.out_channels, module.in_channels // module.groups * kh * kw
-        return module.out_features, module.in_features
+            return shape[1], shape[0]
+        return shape[0], math.prod(shape[1:])
 
     def describe(self, module: nn.Module) -> str:
         """The layer as an error message names it."""
@@ -148,10 +145,15 @@ def eligible_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 def quantize_layer(module: nn.Module, spec: QuantSpec, ids: torch.Tensor | None = None) -> SplitQuantModule:
     """Quantize one eligible float layer into its SplitQuant form."""
+    return float_layer_kind(module, "quantize").quantize(module, spec, ids)
+
+
+def float_layer_kind(module: nn.Module, action: str) -> LayerKind:
+    """The kind of a float layer; ``TypeError`` naming ``action`` for anything else (quantized layers too)."""
     kind = layer_kind(module)
     if kind is None or isinstance(module, SplitQuantModule):
-        raise TypeError(f"cannot quantize a {type(module).__name__}: not a Linear/Conv1D/Conv2d layer")
-    return kind.quantize(module, spec, ids)
+        raise TypeError(f"cannot {action} a {type(module).__name__}: not a Linear/Conv1D/Conv2d layer")
+    return kind
 
 
 def resolve_modules_to_not_convert(model: nn.Module, requested: Iterable[str] | None) -> list[str]:

@@ -32,7 +32,14 @@ from torch import nn
 
 from ..core.quantize import cluster_ids, split_branches
 from ..core.spec import QuantSpec, check_num_clusters
-from ..layers import LayerKind, eligible_layers, layer_kind, resolve_modules_to_not_convert, set_submodule
+from ..layers import (
+    LayerKind,
+    eligible_layers,
+    float_layer_kind,
+    layer_kind,
+    resolve_modules_to_not_convert,
+    set_submodule,
+)
 from ..nn.branches import SplitBranches
 from ..nn.compact import SplitQuantModule
 
@@ -93,7 +100,7 @@ def layer_cluster_ids(
     layer: nn.Module, num_clusters: int = 3, clustering: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Cluster ids (int64) of ``layer``'s weight (in its own layout) and bias (``None`` without one)."""
-    kind = _kind(layer)
+    kind = float_layer_kind(layer, "split")
     spec = QuantSpec(bits=_ANY_BITS, num_clusters=num_clusters, clustering=_resolve_clustering(clustering, kind))
     ids = cluster_ids(kind.rows(layer.weight.detach()), spec)
     return kind.from_rows(ids, layer.weight.shape), _bias_ids(getattr(layer, "bias", None), num_clusters)
@@ -101,7 +108,7 @@ def layer_cluster_ids(
 
 def split_layer(layer: nn.Module, num_clusters: int = 3, clustering: str | None = None) -> SplitBranches:
     """Split one ``nn.Linear`` / ``Conv1D`` / ``nn.Conv2d`` into its explicit branch module."""
-    kind = _kind(layer)
+    kind = float_layer_kind(layer, "split")
     if layer.weight.is_meta:
         raise ValueError("cannot split a layer whose weight is on the meta device; load the weights first")
     weight_ids, bias_ids = layer_cluster_ids(layer, num_clusters, clustering)
@@ -218,10 +225,3 @@ def _quantized_to_split(module: SplitQuantModule, dtype: torch.dtype | None) -> 
     template = kind.empty_float(module, device="meta")
     weights = [kind.from_rows(r, template.weight.shape) for r in rows]
     return kind.split_type.from_branch_weights(template, weights, biases)
-
-
-def _kind(layer: nn.Module) -> LayerKind:
-    kind = layer_kind(layer)
-    if kind is None or isinstance(layer, SplitQuantModule):
-        raise TypeError(f"cannot split a {type(layer).__name__}: not a Linear/Conv1D/Conv2d layer")
-    return kind

@@ -32,7 +32,7 @@ from torch import nn
 
 from .. import kernels
 from ..core.spec import QuantSpec
-from .compact import SplitQuantModule, disable_weight_cache, enable_weight_cache
+from .compact import _CACHE, SplitQuantModule, disable_weight_cache, enable_weight_cache
 
 __all__ = ["FUSED_MAX_TOKENS", "SplitQuantLinear", "disable_weight_cache", "enable_weight_cache"]
 
@@ -95,7 +95,7 @@ class SplitQuantLinear(SplitQuantModule):
         bias = self.bias
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
-        cache = self._buffers.get("weight_cache")
+        cache = self._buffers.get(_CACHE)
         if cache is not None:
             return F.linear(x, cache if cache.dtype == x.dtype else cache.to(x.dtype), bias)
         if x.dtype == torch.float32 and 0 < x.numel() <= self.fused_max_tokens * self.in_features and self._fused_ok(x):
