@@ -4,7 +4,10 @@ Builds a random ~1 B-parameter Llama-architecture checkpoint (bf16, several safe
 on the GPU machine, then through ``device_map=args.device``: quantizes it at load (SplitQuant INT4 and
 INT2), measures load throughput and peak GPU memory, compares forward and greedy-decoding time with
 the bf16 model side by side, saves the INT4 model, reloads it on the GPU and on the CPU, and checks
-that packed bytes are the same whether a layer is quantized on the GPU or on the CPU.
+that packed bytes are the same whether a layer is quantized on the GPU or on the CPU. For the default
+and ``SplitQuantConfig.for_budget`` configurations it measures decode tokens/s (batch 1 and 8) and
+prefill tokens/s (8 x 512) against bf16 with the Triton kernels on and off, and how far the
+outputs are from the kernels-off path and from the CPU path.
 
     python benchmarks/gpu_check.py --out results/    # writes gpu_check.json
 """
@@ -12,6 +15,7 @@ that packed bytes are the same whether a layer is quantized on the GPU or on the
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -25,7 +29,9 @@ import transformers
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import optimum_splitquant as osq
-from optimum_splitquant.core import QuantSpec, quantize_weight
+from optimum_splitquant.core import QuantSpec, dequantize_weight, quantize_weight
+from optimum_splitquant.kernels import triton_ops
+from optimum_splitquant.nn import SplitQuantLinear
 
 logger = logging.getLogger("gpu_check")
 
@@ -73,13 +79,101 @@ def _bench(model, ids: torch.Tensor, prompt: torch.Tensor) -> tuple[float, float
     return forward, generate
 
 
+@torch.no_grad()
+def _speeds(model, ids: torch.Tensor, prompts: torch.Tensor) -> dict:
+    """Decode tokens/s at batch 1 and 8 (32 greedy tokens after the prompt) and prefill tokens/s on ``ids``."""
+    out = {}
+    for batch in (1, 8):
+        p = prompts[:batch]
+        s = _time(lambda p=p: model.generate(p, max_new_tokens=32, min_new_tokens=32, do_sample=False), repeat=2)
+        out[f"decode_b{batch}_tok_s"] = batch * 32 / s
+    out[f"prefill_{ids.shape[0]}x{ids.shape[1]}_tok_s"] = ids.numel() / _time(lambda: model(ids), repeat=3)
+    return out
+
+
+KERNEL_CONFIGS = {
+    "int4-default": lambda: osq.SplitQuantConfig(),
+    "int2-k3": lambda: osq.SplitQuantConfig(bits=2),
+    "budget-4.0": lambda: osq.SplitQuantConfig.for_budget(4.0),
+    "budget-4.5": lambda: osq.SplitQuantConfig.for_budget(4.5),
+    "budget-6.0": lambda: osq.SplitQuantConfig.for_budget(6.0),
+}
+
+
+@torch.no_grad()
+def _layer_vs_cpu(model) -> dict:
+    """One quantized layer on the model's device against its CPU copy (dequantize bits, outputs)."""
+    layer = next(m for m in model.modules() if isinstance(m, SplitQuantLinear))
+    cpu = copy.deepcopy(layer).to("cpu")
+    dev = layer.weight_packed.device
+    args = (layer.weight_packed, layer.weight_scale, layer.weight_offset, layer.in_features)
+    ref = dequantize_weight(*(a.cpu() if torch.is_tensor(a) else a for a in args), cpu.spec)
+    out = {"symbol_width": layer.spec.symbol_width}
+    if triton_ops.unavailable_reason() == "":
+        got = triton_ops.dequantize(*args, layer.spec.bits, layer.spec.symbol_width)
+        out["triton_dequantize_identical"] = bool(torch.equal(got.cpu(), ref))
+    gen = torch.Generator().manual_seed(2)
+    for tokens in (1, 8, 64):
+        x = torch.randn(tokens, layer.in_features, generator=gen)
+        want = cpu(x).double()
+        err = (layer(x.to(dev)).cpu().double() - want).norm() / want.norm()
+        out[f"rel_err_vs_cpu_{tokens}tok"] = err.item()
+    return out
+
+
+def _kernel_speeds(args, float_dir: Path, ids: torch.Tensor, prompts: torch.Tensor, res: dict) -> dict:
+    """Per configuration: speeds with the Triton kernels on and off, ratios to bf16, output agreement."""
+    env = triton_ops.ENV_VAR
+    before = os.environ.get(env)
+    section: dict = {"triton_unavailable_reason": triton_ops.unavailable_reason()}
+    bf16 = res["bf16_speeds"]
+    for name in filter(None, args.kernel_configs.split(",")):
+        config = KERNEL_CONFIGS[name]()
+        q = AutoModelForCausalLM.from_pretrained(
+            float_dir, dtype=torch.bfloat16, device_map=args.device, quantization_config=config
+        ).eval()
+        entry: dict = {"config": {k: getattr(config, k) for k in ("bits", "num_clusters", "group_size", "fit")}}
+        logits = {}
+        try:
+            for state, value in (("on", "auto"), ("off", "off")):
+                os.environ[env] = value
+                entry[state] = _speeds(q, ids, prompts)
+                entry[f"{state}_vs_bf16"] = {k: v / bf16[k] for k, v in entry[state].items()}
+                with torch.no_grad():
+                    logits[state] = q(ids[:1, :32]).logits.float().cpu()
+            os.environ[env] = "auto"
+            entry["layer"] = _layer_vs_cpu(q)
+        finally:
+            if before is None:
+                os.environ.pop(env, None)
+            else:
+                os.environ[env] = before
+        on, off = logits["on"].double().flatten(), logits["off"].double().flatten()
+        entry["logits_on_vs_off_max_abs"] = (on - off).abs().max().item()
+        entry["logits_on_vs_off_cosine"] = torch.nn.functional.cosine_similarity(on, off, dim=0).item()
+        logger.info("kernels %s: %s", name, entry)
+        section[name] = entry
+        del q
+        _empty(cuda=torch.device(args.device).type == "cuda")
+    return section
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--device", default="cuda", help="'cpu' only for a dry run of the script itself")
+    parser.add_argument(
+        "--kernel-configs",
+        default=",".join(KERNEL_CONFIGS),
+        help=f"comma-separated configurations timed with the Triton kernels on and off, of {list(KERNEL_CONFIGS)}; "
+        "'' skips the section",
+    )
     args = parser.parse_args()
+    unknown = set(filter(None, args.kernel_configs.split(","))) - set(KERNEL_CONFIGS)
+    if unknown:
+        parser.error(f"unknown --kernel-configs {sorted(unknown)}; choose from {list(KERNEL_CONFIGS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
@@ -115,6 +209,7 @@ def main() -> None:
 
     ids = torch.randint(0, 32000, (8, 512), device=dev)
     prompt = torch.randint(0, 32000, (1, 16), device=dev)
+    prompts = torch.randint(0, 32000, (8, 16), device=dev)
 
     _reset_peak(cuda)
     fp = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.bfloat16, device_map=args.device).eval()
@@ -123,6 +218,7 @@ def main() -> None:
         ref_logits = fp(ids[:1, :64]).logits.float()
     t_fp, g_fp = _bench(fp, ids, prompt)
     res["bf16_forward_s"], res["bf16_generate32_s"] = t_fp, g_fp
+    res["bf16_speeds"] = _speeds(fp, ids, prompts)
     del fp
     _empty(cuda)
 
@@ -175,6 +271,8 @@ def main() -> None:
         else:
             del q
         _empty(cuda)
+
+    res["kernels"] = _kernel_speeds(args, float_dir, ids, prompts, res)
 
     # Same bytes on GPU and CPU for a real-sized layer.
     gen = torch.Generator().manual_seed(1)

@@ -1,7 +1,8 @@
 """optimum-splitquant: SplitQuant (arXiv 2501.12428) weight quantization for transformers.
 
-``import optimum_splitquant`` registers ``quant_method="splitquant"`` with transformers; do it
-before loading a SplitQuant checkpoint.
+``import optimum_splitquant`` registers ``quant_method="splitquant"`` with transformers. An installed
+package also registers it on its own when transformers loads its quantizer registry (the start-up
+hook ``optimum_splitquant-autoload.pth``; ``OPTIMUM_SPLITQUANT_NO_AUTOLOAD=1`` turns it off).
 """
 
 from .checkpoint import FORMAT_VERSION, save_pretrained_atomic

@@ -11,18 +11,29 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from safetensors import safe_open
 
-from .format import METADATA_FORMAT_KEY, METADATA_SAVE_ID_KEY, METADATA_SETTINGS_KEY, PACKED, TensorLayout
+from .format import (
+    METADATA_FORMAT_KEY,
+    METADATA_SAVE_ID_KEY,
+    METADATA_SETTINGS_KEY,
+    OFFSET,
+    PACKED,
+    QUANTIZED_TENSORS,
+    SCALE,
+    SCALE_FILE_DTYPES,
+    TensorLayout,
+)
 
 __all__ = [
     "CheckpointIndex",
     "TensorInfo",
     "check_consistency",
+    "check_scale_dtype",
     "header_metadata",
     "parse_format_version",
     "read_checkpoint_index",
@@ -37,11 +48,21 @@ MAX_SETTINGS_CHARS = 65536
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Shape and safetensors dtype string (``"U8"``, ``"F16"``, ...) of one stored tensor, and its file."""
+    """Shape and safetensors dtype string (``"U8"``, ``"F16"``, ...) of one stored tensor, and its file.
+
+    ``stored_as`` is the tensor's name in the file when the index names it otherwise
+    (:meth:`CheckpointIndex.renamed`), else ``None``.
+    """
 
     shape: tuple[int, ...]
     dtype: str
     file: str
+    stored_as: str | None = None
+
+    def where(self, key: str) -> str:
+        """``key`` as an error message names it: with its name in the file if that differs, and the file."""
+        stored = f" (stored as {self.stored_as!r})" if self.stored_as is not None else ""
+        return f"tensor {key!r}{stored} in {self.file}"
 
 
 @dataclass
@@ -56,6 +77,26 @@ class CheckpointIndex:
         tail = f".{PACKED}"
         return {name[: -len(tail)] for name in self.tensors if name.endswith(tail)}
 
+    def renamed(self, rename: Callable[[str], str]) -> CheckpointIndex:
+        """The same tensors under the names ``rename`` gives them (each keeps its name in the file).
+
+        Raises ``ValueError`` when two stored tensors would get the same name and one of them is a
+        SplitQuant tensor (of two float tensors the first is kept, as transformers keeps one).
+        """
+        index = CheckpointIndex(metadata=self.metadata)
+        for key, info in self.tensors.items():
+            new = rename(key)
+            other = index.tensors.get(new)
+            if other is not None:
+                if new.endswith(tuple(f".{t}" for t in QUANTIZED_TENSORS)):
+                    raise ValueError(
+                        f"{other.where(new)} and tensor {key!r} in {info.file} both load as {new!r}; the checkpoint "
+                        "holds the same tensor twice under different names"
+                    )
+                continue
+            index.tensors[new] = info if new == key else replace(info, stored_as=key)
+        return index
+
     def check_layer(self, name: str, expected: dict[str, TensorLayout], layer: str, settings: str) -> None:
         """Raise ``ValueError`` unless module ``name`` stores exactly the ``expected`` tensors.
 
@@ -65,10 +106,13 @@ class CheckpointIndex:
             key = f"{name}.{tensor}"
             info = self.tensors.get(key)
             if info is None:
-                raise ValueError(f"SplitQuant checkpoint is missing tensor {key!r}; the checkpoint is incomplete")
+                packed = self.tensors.get(f"{name}.{PACKED}")
+                stored = packed.stored_as if packed is not None else None
+                hint = f" (module stored as {stored.removesuffix(f'.{PACKED}')!r})" if stored else ""
+                raise ValueError(f"SplitQuant checkpoint is missing tensor {key!r}{hint}; the checkpoint is incomplete")
             if info.shape != want.shape or info.dtype not in want.file_dtypes:
                 raise ValueError(
-                    f"tensor {key!r} in {info.file} has shape {list(info.shape)} and dtype {info.dtype}; "
+                    f"{info.where(key)} has shape {list(info.shape)} and dtype {info.dtype}; "
                     f"expected shape {list(want.shape)} and dtype in {list(want.file_dtypes)} for {layer} "
                     f"with {settings}"
                 )
@@ -78,6 +122,29 @@ class CheckpointIndex:
     def format_versions(self) -> set[str]:
         """The SplitQuant format versions recorded in the file headers (empty if none)."""
         return {meta[METADATA_FORMAT_KEY] for meta in self.metadata.values() if METADATA_FORMAT_KEY in meta}
+
+
+def check_scale_dtype(index: CheckpointIndex, scale_dtype: str, source: str) -> None:
+    """Raise ``ValueError`` unless every SplitQuant scale and offset is stored as ``scale_dtype``.
+
+    ``scale_dtype`` is a ``SCALE_DTYPES`` name (``"float16"``); ``source`` names where it was declared,
+    for the message. Loading would otherwise cast the stored values silently (and lossily).
+    """
+    names = {str(dtype).removeprefix("torch."): file_dtype for file_dtype, dtype in SCALE_FILE_DTYPES.items()}
+    want = names.get(scale_dtype)
+    if want is None:
+        raise ValueError(f"{source} is {scale_dtype!r}, not one of {sorted(names)}")
+    for module in sorted(index.quantized_modules()):
+        for key in (f"{module}.{SCALE}", f"{module}.{OFFSET}"):
+            info = index.tensors.get(key)
+            if info is None or info.dtype == want or info.dtype not in SCALE_FILE_DTYPES:
+                continue  # missing or not a float at all: reported with the layer's expected tensors
+            stored = str(SCALE_FILE_DTYPES[info.dtype]).removeprefix("torch.")
+            raise ValueError(
+                f"{info.where(key)} is stored as {info.dtype} ({stored}) but {source} is {scale_dtype!r}; "
+                "config.json and the weights disagree (loading would cast every scale): restore the "
+                f"config.json saved with the weights, or set scale_dtype to {stored!r} if the tensors are right"
+            )
 
 
 def header_metadata(format_version: int, settings: dict[str, Any]) -> dict[str, str]:

@@ -2,21 +2,32 @@
 
 The YAML front matter carries ``library_name``, ``base_model`` (with ``base_model_relation:
 quantized``), ``tags`` and a ``splitquant`` block (quantization config, effective bits, sizes and
-any evaluation results); the body explains how to load the model, including why
-``import optimum_splitquant`` must come first.
+any evaluation results), plus the float model's ``license``, ``language`` and ``datasets`` (and its
+tags, after ours) read from its own card by :func:`base_card_metadata`; the body explains how to
+load the model, and what happens where the package is not registered.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .console import one_line
 from .models import AUTO_CLASSES
 
-__all__ = ["CardInfo", "Metric", "model_card"]
+__all__ = ["INHERITED_FIELDS", "CardInfo", "Metric", "base_card_metadata", "model_card", "parse_front_matter"]
+
+logger = logging.getLogger(__name__)
+
+# What a quantized model keeps from its float original's card (``tags`` are merged after ours).
+INHERITED_FIELDS = ("license", "license_name", "license_link", "language", "datasets", "tags")
+_FRONT_MATTER = re.compile(r"\A---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(?:\r?\n|\Z)", re.DOTALL)
 
 PAPER = "https://arxiv.org/abs/2501.12428"
 
@@ -47,6 +58,8 @@ class CardInfo:
         base_name: how the float model is named in the text (defaults to ``base_model``).
         repo_id: where the card will live (used in the loading snippet).
         metrics: evaluation results, if computed.
+        base_metadata: the float model's card fields to keep (see :func:`base_card_metadata`).
+        sentence_transformers: whether the folder holds a sentence-transformers pipeline too.
     """
 
     quantization_config: Mapping[str, Any]
@@ -60,6 +73,66 @@ class CardInfo:
     base_name: str | None = None
     repo_id: str | None = None
     metrics: Sequence[Metric] = ()
+    base_metadata: Mapping[str, Any] = field(default_factory=dict)
+    sentence_transformers: bool = False
+
+
+def parse_front_matter(text: str, source: str = "README.md") -> dict[str, Any]:
+    """The fields of ``INHERITED_FIELDS`` in a model card's YAML front matter (``yaml.safe_load``).
+
+    A card without front matter gives ``{}``; malformed YAML, or a field of the wrong type, is
+    logged as a warning naming ``source`` and left out: a float model's card never stops a run.
+    """
+    match = _FRONT_MATTER.match(text)
+    if not match:
+        return {}
+    try:
+        meta = yaml.safe_load(match.group(1))
+    except yaml.YAMLError as exc:
+        logger.warning("the YAML front matter of %s is malformed (%s); its metadata is not kept", source, one_line(exc))
+        return {}
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        logger.warning("the YAML front matter of %s is not a mapping; its metadata is not kept", source)
+        return {}
+    kept: dict[str, Any] = {}
+    for key in INHERITED_FIELDS:
+        value = meta.get(key)
+        if value is None:
+            continue
+        single = key in ("license", "license_name", "license_link")
+        if isinstance(value, str) and value.strip():
+            kept[key] = value if single or key != "tags" else [value]
+        elif not single and isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            kept[key] = list(value)
+        else:
+            expected = "a string" if single else "a string or a list of strings"
+            logger.warning("%s: %r in its front matter is not %s; it is not kept", source, key, expected)
+    return kept
+
+
+def base_card_metadata(model: str) -> dict[str, Any]:
+    """:func:`parse_front_matter` of the float model's README.md: a local folder's, else the Hub repo's (cached)."""
+    local = Path(model).expanduser()
+    if local.exists():
+        readme = local / "README.md"
+        if not readme.is_file():
+            return {}
+    else:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            readme = Path(hf_hub_download(model, "README.md"))
+        except Exception as exc:  # offline and not cached, no card, no access: the card is optional
+            logger.debug("no model card for %s (%s)", model, one_line(exc))
+            return {}
+    try:
+        text = readme.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        logger.warning("cannot read %s (%s); its metadata is not kept", readme, one_line(exc))
+        return {}
+    return parse_front_matter(text, str(readme))
 
 
 def _mb(n: int | None) -> str:
@@ -68,12 +141,15 @@ def _mb(n: int | None) -> str:
 
 def _metadata(info: CardInfo) -> dict[str, Any]:
     bits = info.quantization_config.get("bits")
+    inherited = info.base_metadata
     meta: dict[str, Any] = {"library_name": "transformers"}
+    meta.update({k: inherited[k] for k in INHERITED_FIELDS if k != "tags" and k in inherited})
     if info.base_model:
         meta["base_model"] = info.base_model
         meta["base_model_relation"] = "quantized"
     meta["pipeline_tag"] = info.task
-    meta["tags"] = ["splitquant", "quantized", f"int{bits}"]
+    tags = ["splitquant", "quantized", f"int{bits}"]
+    meta["tags"] = tags + [t for t in dict.fromkeys(inherited.get("tags", ())) if t not in tags]
     block: dict[str, Any] = {
         "quantization_config": dict(info.quantization_config),
         "effective_bits_per_weight": round(info.effective_bits, 4),
@@ -156,7 +232,7 @@ def model_card(info: CardInfo) -> str:
         "```",
         "",
         "```python",
-        'import optimum_splitquant  # registers quant_method="splitquant" with transformers: required',
+        'import optimum_splitquant  # registers quant_method="splitquant" (the installed package also does at start-up)',
         f"from transformers import {auto}, AutoTokenizer, pipeline",
         "",
         f'model = {auto}.from_pretrained("{where}")',
@@ -164,10 +240,26 @@ def model_card(info: CardInfo) -> str:
         f'pipe = pipeline("{info.task}", model=model, tokenizer=tokenizer)',
         "```",
         "",
-        "**Import `optimum_splitquant` before loading.** Without it transformers does not know "
-        '`quant_method: "splitquant"`: it only logs "Unknown quantization type ... we will skip the '
-        'quantization", reports the packed tensors as UNEXPECTED and the layer weights as MISSING, and builds '
-        "every quantized layer as a float `nn.Linear` with **random weights**. That model runs and returns "
+    ]
+    if info.sentence_transformers:
+        body += [
+            "The sentence-transformers pipeline of the float model (pooling, normalization) is kept:",
+            "",
+            "```python",
+            "import optimum_splitquant  # first, as above",
+            "from sentence_transformers import SentenceTransformer",
+            "",
+            f'embeddings = SentenceTransformer("{where}").encode(["a sentence", "another one"])',
+            "```",
+            "",
+        ]
+    body += [
+        "**The package must be installed.** Its start-up hook (`optimum_splitquant-autoload.pth`) registers "
+        '`quant_method: "splitquant"` with transformers; where the hook is off (`OPTIMUM_SPLITQUANT_NO_AUTOLOAD=1`, '
+        "`python -S`), import `optimum_splitquant` before loading. Without either, transformers only logs "
+        '"Unknown quantization type ... we will skip the quantization", reports the packed tensors as UNEXPECTED '
+        "and the layer weights as MISSING, and builds every quantized layer as a float `nn.Linear` with **random "
+        "weights**. That model runs and returns "
         "garbage.",
         "",
         "The checkpoint is plain safetensors (no pickle); the settings needed to read it, including a format "

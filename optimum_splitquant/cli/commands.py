@@ -3,7 +3,7 @@
 ::
 
     optimum-splitquant                                   # the demo: a real spam classifier at 2 bits
-    optimum-splitquant quantize MODEL --bits 2 --output DIR [--push-to-hub REPO_ID] [--evaluate]
+    optimum-splitquant quantize MODEL --bits 2 --output DIR [--overwrite] [--push-to-hub REPO_ID] [--evaluate]
     optimum-splitquant evaluate DIR [--base MODEL]
 
 Results go to stdout; progress and diagnostics to stderr. A failure ends with one ``error:`` line
@@ -63,7 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--clustering", default="tensor", help="tensor (one k-means per layer) or channel (per row)")
     q.add_argument("--fit", default="minmax", help="range of each cluster: minmax (the paper) or mse (least squares)")
     q.add_argument("--task", choices=TASKS, default="auto", help="model head to load (default: from config)")
-    q.add_argument("--output", required=True, help="folder to write the quantized model to")
+    q.add_argument("--output", required=True, help="folder to write the quantized model to (new or empty)")
+    q.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty --output folder holding an earlier saved model (swapped in whole when done)",
+    )
     q.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the folder to this Hub repository")
     q.add_argument("--private", action="store_true", help="create the Hub repository as private")
     q.add_argument("--base-model", help="Hub id of the float model, for the model card")

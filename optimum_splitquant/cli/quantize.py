@@ -1,37 +1,51 @@
-"""``optimum-splitquant quantize``: float model -> SplitQuant folder with tokenizer and model card (-> Hub)."""
+"""``optimum-splitquant quantize``: float model -> SplitQuant folder with tokenizer and model card (-> Hub).
+
+The folder is written in full before it appears at ``--output`` (a fresh folder swapped in, or an
+empty one filled), so an interrupted run leaves the previous state. A non-empty ``--output`` is
+replaced only with ``--overwrite``. A sentence-transformers input keeps its pipeline files
+(``modules.json``, pooling, normalization), so ``SentenceTransformer(output)`` embeds as the float
+model's pipeline does.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import shutil
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import transformers
 from huggingface_hub import HfApi, constants, get_token
 from torch import nn
 
+from ..checkpoint.saving import staged_folder
 from ..hf.config import SplitQuantConfig
 from ..hf.quantize_model import quantize_model
 from ..report import size_report
 from . import data
-from .card import CardInfo, model_card
+from .card import CardInfo, base_card_metadata, model_card
 from .console import CliError, one_line, out
 from .evaluate import evaluate_model, metrics_table
 from .models import auto_class, load_config, load_tokenizer, model_source, resolve_task, safetensors_bytes
+from .sentence_files import copy_sentence_files, hub_sentence_folder, sentence_files
 
 __all__ = ["cmd_quantize"]
 
 
-def _check_output(output: str, model: str) -> Path:
-    """The ``--output`` folder, refused when empty or when it is the input model's own folder.
+def _check_output(output: str, model: str, overwrite: bool = False) -> Path:
+    """The ``--output`` folder, refused when empty, the input model's folder, or a folder already in use.
 
     Runs before anything is loaded or written: an empty value (an unset shell variable) would write
     into the current directory, and the model's folder (also through a symlink or ``..``) would
-    have its float original replaced by the quantized one.
+    have its float original replaced by the quantized one. A non-empty folder is replaced only with
+    ``overwrite``, and only if it holds a model (``config.json``) and neither the input model nor the
+    current directory. The returned path is absolute.
     """
     if not output.strip():
         raise CliError(
@@ -44,7 +58,39 @@ def _check_output(output: str, model: str) -> Path:
             f"output {output!r} is the input model's folder {model!r}: saving there would replace the float "
             "original; choose another --output folder"
         )
-    return path
+    if path.exists() and not path.is_dir():
+        raise CliError(f"output {output!r} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise CliError(
+                f"output folder {output!r} already exists and is not empty; choose another --output folder, "
+                "or pass --overwrite to replace its whole content"
+            )
+        _check_replaceable(path, output, model)
+    return Path(os.path.abspath(path))
+
+
+def _check_replaceable(path: Path, output: str, model: str) -> None:
+    """Refuse ``--overwrite`` of a folder whose replacement would lose something that is not a saved model."""
+    real = path.resolve()
+    local = Path(model).expanduser()
+    if local.exists() and local.resolve().is_relative_to(real):
+        raise CliError(
+            f"output {output!r} contains the input model {model!r}: replacing it would delete the float "
+            "original; choose another --output folder"
+        )
+    if Path.cwd().resolve().is_relative_to(real):
+        raise CliError(
+            f"output {output!r} is (or contains) the current directory, which --overwrite cannot replace; "
+            "run the command from another directory or choose another --output folder"
+        )
+    if os.path.ismount(real):
+        raise CliError(f"output {output!r} is a mount point, which --overwrite cannot replace; use a folder inside it")
+    if not (path / "config.json").is_file():
+        raise CliError(
+            f"output folder {output!r} holds no saved model (no config.json), so --overwrite leaves it alone; "
+            "empty it yourself or choose another --output folder"
+        )
 
 
 def _same_folder(output: Path, model: Path) -> bool:
@@ -57,18 +103,74 @@ def _same_folder(output: Path, model: Path) -> bool:
         return output.resolve() == model.resolve()
 
 
-def _prepare_output(path: Path) -> bool:
-    """Create ``path`` if needed and check it is writable; returns whether it was created."""
-    if path.exists() and not path.is_dir():
-        raise CliError(f"output {str(path)!r} exists and is not a directory")
-    created = not path.exists()
+def _prepare_output(path: Path) -> list[Path]:
+    """Create the parents of ``path`` if needed and check the folder written into is writable.
+
+    Returns the folders created (deepest last), removed again by :func:`_remove_created` on failure.
+    """
+    missing = [p for p in (path.parent, *path.parent.parents) if not p.exists()][::-1]
+    writes_into = path if _fills_in_place(path) else path.parent
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=writes_into):
             pass
     except OSError as exc:
+        _remove_created(missing)
         raise CliError(f"cannot write to output directory {str(path)!r}: {exc.strerror or exc}") from exc
-    return created
+    return missing
+
+
+def _remove_created(folders: list[Path]) -> None:
+    for folder in reversed(folders):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only if still empty
+
+
+def _fills_in_place(path: Path) -> bool:
+    """An existing empty folder is filled in place (it may be the current directory or a mount point)."""
+    return path.is_dir() and not any(path.iterdir())
+
+
+@contextlib.contextmanager
+def _staged_output(path: Path, replace: bool) -> Iterator[Path]:
+    """A fresh folder to write into; it becomes ``path`` only when the block succeeds.
+
+    A new or replaced (``replace``: ``--overwrite``) folder is swapped in whole by
+    :func:`~optimum_splitquant.checkpoint.saving.staged_folder`. An existing empty folder keeps its
+    identity: the files are written into a hidden folder inside it, then moved up, ``config.json``
+    last, so an interruption never leaves something that loads as a model. Files that appear at
+    ``path`` while the model is being written are never replaced without ``replace``.
+    """
+    if not _fills_in_place(path):
+        with staged_folder(path) as staging:
+            yield staging
+            if not replace:
+                _check_still_free(path, staging)
+        return
+    staging = path / f".saving-{uuid.uuid4().hex}"
+    staging.mkdir()
+    moved: list[Path] = []
+    try:
+        yield staging
+        _check_still_free(path, staging)
+        for entry in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):
+            os.replace(entry, path / entry.name)
+            moved.append(path / entry.name)
+    except BaseException:
+        for done in moved:  # the folder was empty: leave it empty again
+            shutil.rmtree(done) if done.is_dir() else done.unlink()
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_still_free(path: Path, staging: Path) -> None:
+    """Refuse to finish if other files appeared at ``path`` while the model was being written."""
+    if path.is_dir() and any(entry != staging for entry in path.iterdir()):
+        raise CliError(
+            f"output folder {str(path)!r} received other files while the model was being written; they are "
+            "left as they are and the quantized model is not saved: run again with another --output folder"
+        )
 
 
 def _check_can_push() -> None:
@@ -146,33 +248,49 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         )
     except (ValueError, TypeError) as exc:
         raise CliError(str(exc)) from exc
-    output = _check_output(args.output, args.model)
+    output = _check_output(args.output, args.model, overwrite=args.overwrite)
     if args.push_to_hub:
         _check_can_push()
     config = load_config(args.model)
     if getattr(config, "quantization_config", None):
         raise CliError(f"{args.model!r} is already quantized; quantize its float original instead")
     task = resolve_task(config, args.task)
+    local = Path(args.model).expanduser()
+    st_root = local if local.is_dir() else hub_sentence_folder(args.model)
+    st_files = sentence_files(st_root) if st_root is not None else []
     created = _prepare_output(output)
     source = model_source(args.model)
     try:
-        tokenizer = load_tokenizer(source)
-        model, float_model, seconds = _load_quantized(source, task, qconfig, keep_float=args.evaluate)
-        metrics = evaluate_model(task, model, tokenizer, float_model, limit=args.limit) if args.evaluate else []
-        del float_model
-        model.save_pretrained(output)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(output)
+        with _staged_output(output, replace=args.overwrite) as staging:
+            tokenizer = load_tokenizer(source)
+            model, float_model, seconds = _load_quantized(source, task, qconfig, keep_float=args.evaluate)
+            metrics = evaluate_model(task, model, tokenizer, float_model, limit=args.limit) if args.evaluate else []
+            del float_model
+            model.save_pretrained(staging)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
+            if st_root is not None:
+                copy_sentence_files(st_root, st_files, staging)
+            info = _card_info(args, model, task, metrics, staging, sentence_transformers=bool(st_files))
+            (staging / "README.md").write_text(model_card(info), encoding="utf-8")
     except BaseException:
-        if created and output.is_dir() and not any(output.iterdir()):
-            shutil.rmtree(output, ignore_errors=True)
+        _remove_created(created)
         raise
+    url = _push(output, args.push_to_hub, args.private) if args.push_to_hub else None
+    _summary(args.model, task, info, seconds, output, tokenizer is not None, url)
+    return 0
+
+
+def _card_info(
+    args: argparse.Namespace, model: nn.Module, task: str, metrics: list, folder: Path, sentence_transformers: bool
+) -> CardInfo:
+    """What the model card states about the model just saved in ``folder``."""
     report = size_report(model)
-    size_after = safetensors_bytes(output) or report.total_bytes
+    size_after = safetensors_bytes(folder) or report.total_bytes
     # The float checkpoint on disk, else the float size of what was just quantized.
     size_before = safetensors_bytes(Path(args.model).expanduser()) or report.other_bytes + 4 * report.quantized_weights
     base_model, base_name = _base_id(args.model)
-    info = CardInfo(
+    return CardInfo(
         quantization_config=model.config.quantization_config.to_dict(),
         task=task,
         effective_bits=report.effective_bits,
@@ -184,11 +302,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         base_name=args.base_model or base_name,
         repo_id=args.push_to_hub,
         metrics=metrics,
+        base_metadata=base_card_metadata(args.model),
+        sentence_transformers=sentence_transformers,
     )
-    (output / "README.md").write_text(model_card(info), encoding="utf-8")
-    url = _push(output, args.push_to_hub, args.private) if args.push_to_hub else None
-    _summary(args.model, task, info, seconds, output, tokenizer is not None, url)
-    return 0
 
 
 def _summary(
@@ -205,7 +321,8 @@ def _summary(
     out(f"  time       {seconds:.1f} s to load and quantize")
     for line in metrics_table(list(info.metrics)) if info.metrics else []:
         out(f"  {line}")
-    files = "model.safetensors, config.json" + (", tokenizer" if tokenizer else "") + ", README.md (model card)"
+    files = "model.safetensors, config.json" + (", tokenizer" if tokenizer else "")
+    files += (", sentence-transformers modules" if info.sentence_transformers else "") + ", README.md (model card)"
     out(f"  saved      {output} ({files})")
     if url:
         out(f"  pushed     {url}")

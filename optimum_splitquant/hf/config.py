@@ -37,13 +37,13 @@ BUDGET_WIDTH = 512
 narrower rows cost more side data per weight, so layers of at least this many inputs stay within."""
 
 # The best SplitQuant configuration measured within each budget of stored bits per weight (MiniLM
-# embedding cosine and SmolLM2-135M perplexity, benchmarks/results/frontier.md), cheapest first.
+# embedding cosine and SmolLM2-135M perplexity, benchmarks/results/frontier_*.md), cheapest first.
 _BUDGET_TABLE: tuple[dict[str, Any], ...] = (
     {"bits": 3, "num_clusters": 1, "group_size": 64, "fit": "mse"},  # 3.5 bits
     {"bits": 2, "num_clusters": 2, "group_size": 64, "fit": "mse"},  # 4.0
     {"bits": 2, "num_clusters": 4, "fit": "mse"},  # 4.25 on 512-wide rows
     {"bits": 4, "num_clusters": 1, "group_size": 64, "fit": "mse"},  # 4.5
-    {"bits": 3, "num_clusters": 2, "group_size": 64, "fit": "mse"},  # 5.0
+    {"bits": 4, "num_clusters": 1, "group_size": 32, "fit": "mse"},  # 5.0
     {"bits": 4, "num_clusters": 2, "group_size": 64, "fit": "mse"},  # 6.0
 )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,15 +17,25 @@ from transformers.core_model_loading import ConversionOps
 from transformers.quantizers import HfQuantizer
 
 from ..checkpoint.format import FORMAT_VERSION, QUANTIZED_TENSORS, layer_tensors
-from ..checkpoint.headers import CheckpointIndex, check_consistency, header_metadata, read_checkpoint_index
+from ..checkpoint.headers import (
+    CheckpointIndex,
+    check_consistency,
+    check_scale_dtype,
+    header_metadata,
+    read_checkpoint_index,
+)
+from ..core.spec import SCALE_DTYPES
 from ..layers import dequantize_model, eligible_layers, layer_kind, replace_layers, resolve_modules_to_not_convert
 from ..nn.compact import SplitQuantModule
 from .config import QUANT_METHOD, SplitQuantConfig
+from .key_mapping import checkpoint_key_renamer, module_renamer, outside_base_model
 from .memory import own_float_tensors
 
 __all__ = ["QuantizeOnLoad", "SplitQuantHfQuantizer"]
 
 logger = logging.getLogger(__name__)
+
+_SCALE_DTYPE_FIELD = "config.json quantization_config.scale_dtype"
 
 
 class SplitQuantHfQuantizer(HfQuantizer):
@@ -39,10 +50,16 @@ class SplitQuantHfQuantizer(HfQuantizer):
         super().__init__(copy.deepcopy(quantization_config), **kwargs)
         self.spec = self.quantization_config.to_spec()
         self.load_errors: dict[str, str] = {}
+        self.load_dtype: torch.dtype | None = None
+        # SplitQuant layers rebuilt from a checkpoint: name in the checkpoint -> name in the model.
+        self.loaded_layers: dict[str, str] = {}
+        self._index: CheckpointIndex | None = None
+        self._pending: list[str] = []  # checkpoint layers not found in the model yet
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        """Adapters (LoRA, :mod:`optimum_splitquant.hf.peft`) train on top; the packed weights stay frozen."""
+        return True
 
     def is_serializable(self, **kwargs: Any) -> bool:
         return True
@@ -64,12 +81,31 @@ class SplitQuantHfQuantizer(HfQuantizer):
     def get_quantize_ops(self) -> ConversionOps:
         return QuantizeOnLoad(self)
 
+    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        # The dtype the model computes in: every rebuilt weight must be representable in it.
+        self.load_dtype = dtype
+        return dtype
+
+    def update_weight_conversions(self, weight_conversions: list, model: torch.nn.Module) -> list:
+        conversions = super().update_weight_conversions(weight_conversions, model)
+        if self._index is not None:
+            # The conversions now include a `key_mapping` given to from_pretrained: layers whose stored
+            # names only it maps into the model are rebuilt here (the model is still on the meta device).
+            self._rebuild_layers(model, checkpoint_key_renamer(model, conversions))
+            if self._pending:
+                raise self._unknown_layers(model, self._pending, module_renamer(checkpoint_key_renamer(model)))
+        return conversions
+
     def _process_model_before_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> None:
         files = kwargs.get("checkpoint_files") or []
         index = read_checkpoint_index(files) if files else None
-        if self.pre_quantized:
-            names = self._quantized_names_from_checkpoint(model, index)
-            replace_layers(model, self.spec, names, float_weight=False)
+        if self.pre_quantized and index is not None:
+            names = self._rebuild_from_checkpoint(model, index)
+        elif self.pre_quantized:  # no files to read (a state dict): the config names the float layers
+            kept = set(self.quantization_config.modules_to_not_convert or [])
+            names = replace_layers(
+                model, self.spec, [n for n in eligible_layers(model) if n not in kept], float_weight=False
+            )
         else:
             if index is not None and index.quantized_modules():
                 raise ValueError(
@@ -81,25 +117,65 @@ class SplitQuantHfQuantizer(HfQuantizer):
             replace_layers(model, self.spec, names, float_weight=True)
             self.quantization_config.modules_to_not_convert = kept
         logger.info(
-            "SplitQuant: %d layers quantized (%d-bit, k=%d)", len(names), self.spec.bits, self.spec.num_clusters
+            "SplitQuant: %d layers %s (%d-bit, k=%d)",
+            len(names),
+            "read from the checkpoint" if self.pre_quantized else "to quantize as they load",
+            self.spec.bits,
+            self.spec.num_clusters,
         )
 
-    def _quantized_names_from_checkpoint(self, model: torch.nn.Module, index: CheckpointIndex | None) -> list[str]:
-        layers = eligible_layers(model)
-        if index is None:
-            kept = set(self.quantization_config.modules_to_not_convert or [])
-            return [n for n in layers if n not in kept]
+    def _rebuild_from_checkpoint(self, model: torch.nn.Module, index: CheckpointIndex) -> list[str]:
+        """Check the checkpoint's headers, then rebuild its SplitQuant layers; returns their names in the model."""
         check_consistency(index, FORMAT_VERSION, self.quantization_config.storage_settings())
-        names = sorted(index.quantized_modules())
-        unknown = [n for n in names if n not in layers]
-        if unknown:
-            raise ValueError(
-                f"checkpoint holds SplitQuant tensors for {unknown[:5]} which are not Linear/Conv1D/Conv2d layers of "
-                f"{type(model).__name__}; was it saved from another architecture?"
+        check_scale_dtype(index, self.quantization_config.scale_dtype, _SCALE_DTYPE_FIELD)
+        self._index, self._pending = index, sorted(index.quantized_modules())
+        rename = checkpoint_key_renamer(model)
+        module, layers = module_renamer(rename), eligible_layers(model)
+        outside = outside_base_model(model, self._pending, [s for s in self._pending if module(s) not in layers])
+        if outside:
+            logger.info(
+                "SplitQuant: %d quantized layer(s) of the checkpoint lie outside %s (a task head) and are not "
+                "loaded: %s",
+                len(outside),
+                type(model).__name__,
+                outside[:5],
             )
-        for name in names:
+            self._pending = [s for s in self._pending if s not in outside]
+        self._rebuild_layers(model, rename)
+        return sorted(self.loaded_layers.values())
+
+    def _rebuild_layers(self, model: torch.nn.Module, rename: Callable[[str], str]) -> None:
+        """Replace the model's layers that the checkpoint stores in SplitQuant form, under the loader's names.
+
+        ``rename`` gives a checkpoint key its name in the model (:func:`checkpoint_key_renamer`). A
+        layer found earlier must keep its name; layers not found stay pending.
+        """
+        module = module_renamer(rename)
+        for stored, name in sorted(self.loaded_layers.items()):
+            if module(stored) != name:
+                raise ValueError(
+                    f"the key mapping of this load renames the SplitQuant layer stored as {stored!r} to "
+                    f"{module(stored)!r}, but it was rebuilt as {name!r} from the model's own key conversions; "
+                    "drop key_mapping, or save the model again under the new names"
+                )
+        layers = eligible_layers(model)
+        found = {s: module(s) for s in self._pending if module(s) in layers}
+        if not found:
+            return
+        index = self._index.renamed(rename)
+        for name in found.values():
             self._check_layer_tensors(name, layers[name], index)
-        return names
+        replace_layers(model, self.spec, list(found.values()), float_weight=False)
+        self.loaded_layers.update(found)
+        self._pending = [s for s in self._pending if s not in found]
+
+    @staticmethod
+    def _unknown_layers(model: torch.nn.Module, stored: list[str], module: Callable[[str], str]) -> ValueError:
+        shown = [s if module(s) == s else f"{s} (loads as {module(s)})" for s in stored[:5]]
+        return ValueError(
+            f"checkpoint holds SplitQuant tensors for {shown} which are not Linear/Conv1D/Conv2d layers of "
+            f"{type(model).__name__}; was it saved from another architecture?"
+        )
 
     def _check_layer_tensors(self, name: str, module: torch.nn.Module, index: CheckpointIndex) -> None:
         spec = self.spec
@@ -114,6 +190,9 @@ class SplitQuantHfQuantizer(HfQuantizer):
         index.check_layer(name, expected, layer, settings)
 
     def _process_model_after_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
+        if self._pending:  # the loader never showed its key conversions: nothing matched these layers
+            raise self._unknown_layers(model, self._pending, module_renamer(checkpoint_key_renamer(model)))
+        self._index = None  # loading is over: later conversion look-ups (adapters) must not re-resolve layers
         if self.load_errors:
             details = "; ".join(f"{name}: {msg}" for name, msg in sorted(self.load_errors.items()))
             raise ValueError(f"could not quantize {len(self.load_errors)} layer(s): {details}")
@@ -130,7 +209,7 @@ class SplitQuantHfQuantizer(HfQuantizer):
                     raise ValueError(f"{name}.{buf} was not loaded (still on the meta device)")
             if self.pre_quantized:
                 try:
-                    module.validate()
+                    module.validate(self.load_dtype)
                 except ValueError as exc:
                     raise ValueError(f"{name}: {exc}") from None
         if not self.pre_quantized:
@@ -138,11 +217,36 @@ class SplitQuantHfQuantizer(HfQuantizer):
         return model
 
     def get_state_dict_and_metadata(self, model: torch.nn.Module) -> tuple[None, dict[str, str]]:
+        self._record_scale_dtype(model)
         settings = self.quantization_config.storage_settings()
         return None, {**header_metadata(FORMAT_VERSION, settings), "quant_method": QUANT_METHOD}
 
     def _dequantize(self, model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
         return dequantize_model(model, dtype)
+
+    def _record_scale_dtype(self, model: torch.nn.Module) -> None:
+        """Make ``scale_dtype`` name the dtype the scales are saved in (``model.to(dtype)`` casts them).
+
+        Runs before ``config.json`` is written, so the config and the tensors always agree.
+        """
+        found: dict[torch.dtype, str] = {}
+        for name, module in model.named_modules():
+            if isinstance(module, SplitQuantModule) and module.is_quantized:
+                for buf in (module.weight_scale, module.weight_offset):
+                    found.setdefault(buf.dtype, name)
+        if not found:
+            return
+        names = {dtype: key for key, dtype in SCALE_DTYPES.items()}
+        if len(found) > 1 or next(iter(found)) not in names:
+            shown = ", ".join(f"{dtype} (e.g. {layer})" for dtype, layer in found.items())
+            raise ValueError(
+                f"cannot save: SplitQuant scales and offsets are held in {shown}; a checkpoint stores them in one "
+                f"of {sorted(SCALE_DTYPES)}: cast the model with model.to(dtype) first"
+            )
+        scale_dtype = names[next(iter(found))]
+        if scale_dtype != self.quantization_config.scale_dtype:
+            logger.info("SplitQuant: scales are held in %s (the model was cast); saved as such", scale_dtype)
+            self.quantization_config.scale_dtype = scale_dtype
 
 
 class QuantizeOnLoad(ConversionOps):

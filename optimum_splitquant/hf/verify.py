@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from ..checkpoint.format import FORMAT_VERSION
-from ..checkpoint.headers import check_consistency, read_checkpoint_index
+from ..checkpoint.headers import check_consistency, check_scale_dtype, read_checkpoint_index
 from ..report import size_report
 from .config import QUANT_METHOD, SplitQuantConfig
 from .optimum import model_class_for
@@ -77,12 +77,27 @@ def verify_checkpoint(path: str | os.PathLike, *, load: bool = True) -> Checkpoi
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{config_file}: invalid quantization_config: {exc}") from None
     check_consistency(index, FORMAT_VERSION, qconfig.storage_settings())
+    check_scale_dtype(index, qconfig.scale_dtype, f"{config_file} quantization_config.scale_dtype")
     layers, bits = len(quantized), None
     if load:
-        model = model_class_for(folder).from_pretrained(folder)
+        model_class = model_class_for(folder)
+        model = model_class.from_pretrained(folder)
         report = size_report(model)
         layers, bits = report.quantized_layers, report.effective_bits
+        if layers < len(quantized):
+            _unchecked(folder, model, quantized, layers)
     return CheckpointReport(str(folder), tuple(files), qconfig, layers, bits)
+
+
+def _unchecked(folder: Path, model: object, quantized: set[str], loaded: int) -> None:
+    """Refuse a load that left SplitQuant layers unread (a task head outside the class that was loaded)."""
+    rebuilt = set(getattr(getattr(model, "hf_quantizer", None), "loaded_layers", {}))
+    left = sorted(quantized - rebuilt) or sorted(quantized)
+    raise ValueError(
+        f"{folder}: {type(model).__name__} (the class config.json's architectures names, or AutoModel when it "
+        f"names none that transformers has) loads only {loaded} of the {len(quantized)} SplitQuant layers; "
+        f"{left[:5]} were not checked: set architectures to the class the model was saved from"
+    )
 
 
 def _read_json(file: Path, fix: str) -> object:

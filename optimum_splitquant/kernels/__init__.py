@@ -1,7 +1,7 @@
 """Optional compiled CPU kernels, with the pure-torch path as fallback.
 
-Three torch ops, built from ``splitquant_cpu.cpp`` and ``kmeans_cpu.cpp`` at first use (see
-:mod:`._build`):
+Torch ops, built from ``splitquant_cpu.cpp``, ``kmeans_cpu.cpp``, ``kmeans_dp_cpu.cpp`` and
+``fit_cpu.cpp`` at first use (see :mod:`._build`):
 
 * ``torch.ops.optimum_splitquant.dequantize``: packed rows -> fp32 weight, bit-identical to
   :func:`optimum_splitquant.core.dequantize_weight`; used before a GEMM for large batches.
@@ -10,8 +10,11 @@ Three torch ops, built from ``splitquant_cpu.cpp`` and ``kmeans_cpu.cpp`` at fir
   token); the same weights as the plain path, summed in another order (fp32, relative error
   ~1e-6).
 * ``torch.ops.optimum_splitquant.kmeans_binned``: the exact 1-D k-means search of one float32 row
-  (:func:`optimum_splitquant.core.kmeans_1d`'s binned path, ``2 <= k <= 4``); the same cuts and
+  (:func:`optimum_splitquant.core.kmeans_1d`'s binned path, ``2 <= k <= 9``); the same cuts and
   the same bits as the pure-torch search, in plain loops instead of ~1,500 small torch ops.
+* ``torch.ops.optimum_splitquant.kmeans_dp``: the layers of the k-means dynamic programme over
+  sorted rows (:func:`optimum_splitquant.core.kmeans_1d` with many clusters): the same cuts as
+  the pure-torch layers, in plain loops (one row per thread).
 
 This package is a leaf: it depends on torch alone and takes plain integers (``bits``, the symbol
 ``width``), so the pure-torch core may call it without an import cycle.
@@ -33,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._build import CACHE_ENV, KernelBuildError, build_library, cache_dir, cache_root
+from ._build import CACHE_ENV, KernelBuildError, build_library, cache_dir, cache_root, discard
 
 __all__ = [
     "CACHE_ENV",
@@ -46,9 +49,11 @@ __all__ = [
     "dequantize",
     "fit_mse",
     "kmeans_binned",
+    "kmeans_dp",
     "linear",
     "mode",
     "status",
+    "switch_mode",
 ]
 
 logger = logging.getLogger(__name__)
@@ -84,14 +89,19 @@ class KernelStatus:
         return self.loaded and self.mode != "off"
 
 
-def mode() -> str:
-    """The mode requested by ``OPTIMUM_SPLITQUANT_KERNELS`` (read on every call)."""
-    value = os.environ.get(ENV_VAR, "auto").strip().lower()
+def switch_mode(env_var: str) -> str:
+    """``"off"``, ``"require"`` or ``"auto"``: the mode an environment switch such as ``ENV_VAR`` asks for."""
+    value = os.environ.get(env_var, "auto").strip().lower()
     if value in _OFF:
         return "off"
     if value in _REQUIRE:
         return "require"
     return "auto"
+
+
+def mode() -> str:
+    """The mode requested by ``OPTIMUM_SPLITQUANT_KERNELS`` (read on every call)."""
+    return switch_mode(ENV_VAR)
 
 
 @functools.cache
@@ -100,7 +110,13 @@ def _load() -> KernelStatus:
     with _LOCK:
         try:
             path = build_library()
-            torch.ops.load_library(str(path))
+            try:
+                torch.ops.load_library(str(path))
+            except OSError as exc:  # intact bytes that still do not load (not a library): rebuild once
+                logger.warning("SplitQuant: the cached kernel library %s cannot be loaded: %s", path, exc)
+                discard(path)
+                path = build_library()
+                torch.ops.load_library(str(path))
             _register_fakes()
             isa = ISA_NAMES[int(torch.ops.optimum_splitquant.best_isa())]
         except (KernelBuildError, OSError, RuntimeError) as exc:
@@ -185,6 +201,18 @@ def kmeans_binned(x: torch.Tensor, k: int) -> torch.Tensor | None:
         return None
     out = torch.ops.optimum_splitquant.kmeans_binned.default(x, k)
     return out if out.numel() else None
+
+
+def kmeans_dp(ps: torch.Tensor, pq: torch.Tensor, k: int) -> torch.Tensor | None:
+    """Compiled k-means dynamic programme over sorted rows, or None (kernels off or unavailable).
+
+    ``ps`` and ``pq``: float64 ``(G, n + 1)`` prefix sums of each sorted (centred) row and of its
+    squares. Returns int64 ``(G, k - 1)``: the count of values before each optimal cut, the same as
+    ``core.kmeans``' torch layers (ties to the leftmost cut).
+    """
+    if torch.compiler.is_compiling() or not available():
+        return None
+    return torch.ops.optimum_splitquant.kmeans_dp.default(ps, pq, k)
 
 
 def fit_mse(

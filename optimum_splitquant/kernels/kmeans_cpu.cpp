@@ -1,5 +1,5 @@
 // Exact 1-D k-means of one float32 row, binned (no sort): the compiled search behind
-// optimum_splitquant/core/kmeans/'s binned path (rows of n >= 2^15 float32 values, 2 <= k <= 4).
+// optimum_splitquant/core/kmeans/'s binned path (rows of n >= 2^15 float32 values, 2 <= k <= 9).
 //
 // Same problem, same bins, same bound as the pure-torch path (see that module's docstring), with
 // the search done in plain loops instead of some 1,500 small torch ops:
@@ -18,7 +18,8 @@
 //
 // Returns float64 [st, n_1.., s_1.., lo_1.., hi_1..] (k - 1 cuts: count before the cut, prefix sum,
 // first value after it, last value before it; st: sum of the row), or an empty tensor when the
-// search gives up (the caller then runs the torch path).
+// search gives up (the caller then runs the torch path): after kMaxPasses, or when the items of a
+// cut outnumber kMaxItems (a few far outliers: the bound cannot prune, the items would multiply).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -39,7 +40,8 @@ constexpr int kStartItems = 32;
 constexpr int kSplit = 8;
 constexpr double kTol = 1e-11;
 constexpr int kMaxPasses = 200;
-constexpr int64_t kMaxK = 4;  // verified bit-identical to the torch search for k = 2, 3, 4
+constexpr size_t kMaxItems = 4096;  // items per cut at most (pairwise work per pass: their square)
+constexpr int64_t kMaxK = 9;  // the binned rows' largest k (core/kmeans/dispatch.py); bit-identical to torch for each
 constexpr int64_t kGrain = 1 << 16;  // values per thread at least, in the passes over the data
 const double kNeg = -std::numeric_limits<double>::infinity();
 
@@ -537,6 +539,9 @@ at::Tensor kmeans_binned_cpu(const at::Tensor& x_in, int64_t k) {
   bool shared = true;
   bool done = false;
   for (int pass = 0; pass < kMaxPasses && !done; ++pass) {
+    size_t most = 0;
+    for (const Items& l : lists) most = std::max(most, l.size());
+    if (most > kMaxItems) break;  // the bound cannot prune: the caller's dynamic programme finds the cuts
     std::vector<std::vector<double>> pos(k1);
     for (size_t j = 0; j < k1; ++j) pos[j] = (shared && j > 0) ? pos[0] : end_positions(lists[j]);
     std::vector<double> found;

@@ -15,15 +15,19 @@ Optional non-persistent buffer: ``weight_cache`` (float ``(out_features, in_feat
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from .. import kernels
 from ..checkpoint.format import BIAS, OFFSET, PACKED, QUANTIZED_TENSORS, SCALE, layer_tensors
-from ..core.quantize import QuantizedWeight, decode_symbols, dequantize_weight, quantize_weight
+from ..core.packing import unpack_rows
+from ..core.quantize import QuantizedWeight, dequantize_weight, quantize_weight
 from ..core.spec import QuantSpec
+from ..kernels import triton_ops
 
-__all__ = ["SplitQuantModule"]
+__all__ = ["SplitQuantModule", "ids_in_range"]
 
 _CACHE = "weight_cache"
 
@@ -130,25 +134,67 @@ class SplitQuantModule(nn.Module):
                 layer.bias.copy_(self.bias)
         return layer
 
-    def validate(self) -> None:
+    def validate(self, dtype: torch.dtype | None = None) -> None:
         """Raise ``ValueError`` if the stored tensors cannot come from a valid quantization.
 
-        Checks that scales and offsets are finite, scales are non-negative and every cluster id is
-        below ``num_clusters`` (codes cannot exceed ``bits`` by construction of the packing).
+        Checks that scales and offsets are finite, scales are non-negative, every rebuilt weight is
+        finite in ``dtype`` (the compute dtype; default float32, the dtype weights are rebuilt in)
+        and every cluster id, padding symbols included, is below ``num_clusters`` (codes cannot
+        exceed ``bits`` by construction of the packing). Costs a few vectorised passes over the
+        packed bytes, never a decode of each weight.
         """
+        if not self._ranges_ok(dtype or torch.float32):
+            self._raise_bad_range(dtype or torch.float32)
+        if not ids_in_range(self.weight_packed, self.spec):
+            self._raise_bad_id()
+
+    def _ranges_ok(self, dtype: torch.dtype) -> bool:
+        """Scales non-negative, and both ends of every range finite in float32 and in ``dtype``.
+
+        Weights are rebuilt in float32 as ``offset + code * scale`` (codes ``0 .. levels - 1``), so
+        the extremes of ``offset`` and ``offset + (levels - 1) * scale`` bound every rebuilt weight.
+        Three ``aminmax`` reductions and one cast of six numbers (NaN propagates through them): a
+        fraction of the cost of element-wise ``isfinite`` on small tensors.
+        """
+        if not self.weight_scale.numel():
+            return True
+        scale, offset = self.weight_scale.float(), self.weight_offset.float()
+        high = torch.add(offset, scale, alpha=self.spec.levels - 1)
+        ends = torch.stack([*torch.aminmax(scale), *torch.aminmax(offset), *torch.aminmax(high)])
+        smallest_scale, *_ = ends.tolist()
+        return smallest_scale >= 0 and all(math.isfinite(v) for v in ends.to(dtype).tolist())
+
+    def _raise_bad_range(self, dtype: torch.dtype) -> None:
+        """Name what :meth:`_ranges_ok` found (slow path: runs only once something was found)."""
         for name in (SCALE, OFFSET):
             if not bool(torch.isfinite(getattr(self, name)).all()):
                 raise ValueError(f"{name} holds NaN or infinite values")
         if bool((self.weight_scale < 0).any()):
             raise ValueError(f"{SCALE} holds negative values")
-        if self.spec.num_clusters < (1 << self.spec.id_bits) and self.weight_packed.numel():
-            ids, _ = decode_symbols(self.weight_packed, self.in_features, self.spec)
-            top = int(ids.max())
-            if top >= self.spec.num_clusters:
-                raise ValueError(
-                    f"{PACKED} holds cluster id {top}, but num_clusters={self.spec.num_clusters}: "
-                    "the codes do not match the declared settings"
-                )
+        low = self.weight_offset.float()
+        high = low + self.weight_scale.float() * (self.spec.levels - 1)
+        largest = float(torch.stack((low, high)).abs().max())
+        raise ValueError(
+            f"{SCALE} and {OFFSET} rebuild weights of magnitude up to {largest:.6g}, which overflow {dtype} "
+            f"(largest finite value {torch.finfo(dtype).max:.6g}); the values are damaged, or the model needs a "
+            "wider compute dtype: load it with dtype=torch.float32"
+        )
+
+    def _raise_bad_id(self) -> None:
+        """Name the largest cluster id (slow path: runs only once a bad id was found)."""
+        packed, spec = self.weight_packed, self.spec
+        count = packed.shape[1] * 8 // spec.symbol_width  # every symbol of a row, padding included
+        ids = unpack_rows(packed, spec.symbol_width, count) >> spec.bits
+        top = int(ids[:, : self.in_features].max()) if self.in_features else 0
+        if top >= spec.num_clusters:
+            raise ValueError(
+                f"{PACKED} holds cluster id {top}, but num_clusters={spec.num_clusters}: "
+                "the codes do not match the declared settings"
+            )
+        raise ValueError(
+            f"{PACKED} holds cluster id {int(ids.max())} in the padding after a row's last weight "
+            f"(num_clusters={spec.num_clusters}; a writer pads rows with zero symbols): the tensor is damaged"
+        )
 
     def quantized_weight(self) -> QuantizedWeight:
         """The stored compact tensors."""
@@ -163,6 +209,11 @@ class SplitQuantModule(nn.Module):
 
     def _dequantize_packed(self, dtype: torch.dtype) -> torch.Tensor:
         packed = self.weight_packed
+        if packed.device.type == "cuda" and triton_ops.available():
+            spec = self.spec
+            return triton_ops.dequantize(
+                packed, self.weight_scale, self.weight_offset, self.in_features, spec.bits, spec.symbol_width, dtype
+            )
         if packed.device.type == "cpu" and kernels.available():
             w = kernels.dequantize(
                 packed, self.weight_scale, self.weight_offset, self.in_features, self.spec.bits, self.spec.symbol_width
@@ -232,3 +283,60 @@ def disable_weight_cache(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, SplitQuantModule):
             m.clear_weight_cache_()
+
+
+def ids_in_range(packed: torch.Tensor, spec: QuantSpec) -> bool:
+    """Whether every symbol of ``packed`` (padding included) holds a cluster id below ``spec.num_clusters``.
+
+    Vectorised over 64-bit words, without decoding a symbol: eight symbols fill ``w`` bytes
+    (:mod:`optimum_splitquant.core.packing`), so each run of eight (four when ``w > 8``) is read as one
+    word with symbol ``s`` at bits ``[s * w, (s + 1) * w)`` and its cluster id in the top
+    ``id_bits``. Shifting out the code bits and masking leaves each id in a field with free bits
+    above it; adding ``2**id_bits - k`` to every field carries into the bit above exactly the ids
+    ``>= k`` (a SWAR comparison). Widths 1, 2, 4 and 8 keep symbols inside bytes, so the packed
+    bytes are read as words in place; other widths copy each run into a word first.
+    """
+    k, id_bits, bits, width = spec.num_clusters, spec.id_bits, spec.bits, spec.symbol_width
+    if k == 1 << id_bits or not packed.numel():
+        return True  # every id pattern is a valid cluster
+    flat = packed.contiguous().view(-1)
+    if flat.storage_offset() % 8:  # reading bytes as int64 needs an 8-aligned start
+        flat = flat.clone()
+    if 8 % width == 0:
+        slots, starts = 8 // width * 8, [0]
+        body = flat.numel() // 8 * 8
+        words = [flat[:body].view(torch.int64)] if body else []
+        if body < flat.numel():
+            words.append(_words(flat[body:].view(1, -1), [(0, flat.numel() - body)]))
+    else:
+        per = 8 if width < 8 else 4  # symbols per word; four of at most 12 bits leave room for a shift
+        starts = [j * per * width for j in range(8 // per)]  # first bit of each word within a run
+        spans = [(b // 8, -(-(b + per * width) // 8)) for b in starts]
+        slots = per
+        words = [_words(flat.view(-1, width), spans)]
+    field = (1 << id_bits) - 1
+    mask = add = carry = 0
+    for s in range(slots):
+        mask |= field << (s * width)
+        add |= ((1 << id_bits) - k) << (s * width)
+        carry |= 1 << (s * width + id_bits)
+    if len(starts) == 1:
+        shifts = bits
+    else:
+        shifts = torch.tensor([b % 8 + bits for b in starts], dtype=torch.int64, device=packed.device)
+    for w in words:
+        fields = w.view(-1, len(starts)) >> shifts  # one new tensor, then in place
+        fields &= mask
+        fields += add
+        fields &= carry  # non-negative now: amax is a (much faster) any()
+        if int(fields.amax()):
+            return False
+    return True
+
+
+def _words(runs: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
+    """Bytes ``[a, b)`` of each row of ``runs``, for each span, as little-endian int64 words ``(rows, spans)``."""
+    buf = torch.zeros(runs.shape[0], len(spans), 8, dtype=torch.uint8, device=runs.device)
+    for j, (a, b) in enumerate(spans):
+        buf[:, j, : b - a] = runs[:, a:b]
+    return buf.view(torch.int64).view(runs.shape[0], len(spans))

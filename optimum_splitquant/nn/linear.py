@@ -16,8 +16,13 @@ Forward paths (all compute with the same dequantized weight):
   only in fp32 summation order (~1e-6 relative). The kernel also beats dequantize + GEMM up to
   about 32 tokens on 2 cores; raise ``layer.fused_max_tokens`` (per layer) to use it there, at the
   price of outputs that are no longer bit-identical to the dequantized float twin for 2-32 tokens.
+* CUDA tensors with ``triton`` installed (:mod:`optimum_splitquant.kernels.triton_ops`, switch
+  ``OPTIMUM_SPLITQUANT_TRITON``): a fused Triton op for at most 8 tokens without gradient, else a
+  Triton dequantize (bit-identical, in the input dtype) and one ``F.linear``.
 * otherwise: dequantize (compiled kernel when available, bit-identical to the pure-torch
-  :func:`~optimum_splitquant.core.dequantize_weight`), then one ``F.linear``.
+  :func:`~optimum_splitquant.core.dequantize_weight`), then one ``F.linear``. When a gradient is
+  wanted for the input (adapters training on top), the backward pass dequantizes the weight again
+  rather than keeping the float weight alive between forward and backward.
 * opt-in :meth:`~.compact.SplitQuantModule.cache_weight_` (or :func:`enable_weight_cache` for a
   whole model): keeps the dequantized weight as a non-persistent buffer ``weight_cache`` and runs a
   plain ``F.linear`` on it. Costs ``out_features * in_features`` floats per layer (fp32: 4 bytes per
@@ -32,6 +37,7 @@ from torch import nn
 
 from .. import kernels
 from ..core.spec import QuantSpec
+from ..kernels import triton_ops
 from .compact import _CACHE, SplitQuantModule, disable_weight_cache, enable_weight_cache
 
 __all__ = ["FUSED_MAX_TOKENS", "SplitQuantLinear", "disable_weight_cache", "enable_weight_cache"]
@@ -98,6 +104,12 @@ class SplitQuantLinear(SplitQuantModule):
         cache = self._buffers.get(_CACHE)
         if cache is not None:
             return F.linear(x, cache if cache.dtype == x.dtype else cache.to(x.dtype), bias)
+        if x.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return _RecomputedLinear.apply(x, bias, self)
+        if x.device.type == "cuda" and self.weight_packed.device.type == "cuda" and triton_ops.available():
+            packed, scale, offset = self.weight_packed, self.weight_scale, self.weight_offset
+            spec = self.spec
+            return triton_ops.forward(x, packed, scale, offset, bias, self.in_features, spec.bits, spec.symbol_width)
         if x.dtype == torch.float32 and 0 < x.numel() <= self.fused_max_tokens * self.in_features and self._fused_ok(x):
             y = kernels.linear(
                 x.reshape(-1, self.in_features),
@@ -139,3 +151,27 @@ class SplitQuantLinear(SplitQuantModule):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"{self._settings_repr()}, source={self.source}"
         )
+
+
+class _RecomputedLinear(torch.autograd.Function):
+    """``x @ W.T + bias`` whose backward dequantizes ``W`` again instead of keeping it.
+
+    Plain ``F.linear`` on a freshly dequantized weight would keep that float weight alive until the
+    backward pass: with adapters training on top (LoRA), every layer's float weight at once. The
+    packed weight gets no gradient (it is frozen); ``x`` and a trainable ``bias`` do.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, layer: SplitQuantLinear) -> torch.Tensor:  # type: ignore[override]
+        ctx.layer = layer
+        ctx.bias_shape = None if bias is None else bias.shape
+        return F.linear(x, layer._dequantize_packed(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:  # type: ignore[override]
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ ctx.layer._dequantize_packed(grad.dtype)
+        if ctx.bias_shape is not None and ctx.needs_input_grad[1]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_x, grad_bias, None

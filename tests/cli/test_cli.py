@@ -458,4 +458,5 @@ def test_quantize_output_check_allows_other_folders(tiny_base, tmp_path):
     # A new folder, a sub-folder of the model, or a Hub id that merely looks like a path: all fine.
     assert quantize._check_output(str(tmp_path / "out"), tiny_base) == tmp_path / "out"
     assert quantize._check_output(str(Path(tiny_base) / "int2"), tiny_base) == Path(tiny_base) / "int2"
-    assert quantize._check_output("nobody/unknown-model", "nobody/unknown-model") == Path("nobody/unknown-model")
+    hub_like = quantize._check_output("nobody/unknown-model", "nobody/unknown-model")
+    assert hub_like == Path.cwd() / "nobody" / "unknown-model"  # made absolute: `--output .` must name a real folder

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -363,3 +367,50 @@ def test_binned_rows_match_the_sorted_search(name: str, k: int) -> None:
     for field in ("centers", "boundaries", "counts"):
         assert torch.equal(getattr(shuffled, field), getattr(binned, field)), field
     assert float(shuffled.inertia[0]) == pytest.approx(float(binned.inertia[0]), rel=1e-12, abs=slack)
+
+
+def outlier_row(n: int = 40_000) -> torch.Tensor:
+    """A narrow bulk and 20 far outliers: the bound cannot prune, the certificate outgrows its tables."""
+    gen = torch.Generator().manual_seed(7)
+    return torch.cat([torch.randn(n - 20, generator=gen) * 0.02, torch.randn(20, generator=gen) * 3]).float()
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 5], ids=lambda k: f"k{k}")
+@pytest.mark.parametrize("name", [*binning_rows(), "outliers"], ids=lambda s: s.replace(" ", "-").replace(",", ""))
+def test_binned_search_gives_the_same_bits_through_the_dynamic_programme(
+    name: str, k: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no room for the certificate's tables, the pure-torch binned search takes its cuts from the
+    dynamic programme: every field is the same as with room (the same cuts, read from the same bins)."""
+    from optimum_splitquant import kernels
+    from optimum_splitquant.core.kmeans import binned_search
+
+    monkeypatch.setenv(kernels.ENV_VAR, "off")
+    x = outlier_row() if name == "outliers" else binning_rows()[name].to(torch.float32)
+    searched = kmeans_1d(x, k)
+    monkeypatch.setattr(binned_search, "_POSITIONS_PER_CUT", 0)
+    via_dp = kmeans_1d(x, k)
+    for field in ("centers", "boundaries", "counts", "inertia"):
+        assert torch.equal(getattr(via_dp, field), getattr(searched, field)), f"{name}, k={k}: {field} differs"
+    exact = kmeans_1d(x.to(torch.float64), k)  # the sorted search, independent of both
+    assert torch.equal(via_dp.counts, exact.counts), f"{name}, k={k}: not the partition of the sorted search"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss is in kB on Linux only")
+def test_outlier_row_memory_is_bounded() -> None:
+    """The pure-torch search of the outlier row at k = 4 stays within a few hundred MB (it once needed 19 GB)."""
+    code = (
+        "import resource\n"
+        "from optimum_splitquant.core import kmeans_1d\n"
+        "from tests.core.test_kmeans import outlier_row\n"
+        "x = outlier_row()\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "kmeans_1d(x, 4)\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n"
+    )
+    env = {**os.environ, "OPTIMUM_SPLITQUANT_KERNELS": "off", "OMP_NUM_THREADS": "1"}
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"the search failed: {proc.stderr[-2000:]}"
+    extra_mb = int(proc.stdout.split()[-1])
+    assert extra_mb < 1024, f"the search took {extra_mb} MB more than the process had before it"

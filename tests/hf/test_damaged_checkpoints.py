@@ -17,9 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 from tiny import load, rewrite_weights, run
+from torch import nn
 
 import optimum_splitquant as osq
 from optimum_splitquant import SplitQuantConfig
+from optimum_splitquant.core import QuantSpec
+from optimum_splitquant.core.packing import pack_rows, packed_row_bytes, unpack_rows
+from optimum_splitquant.nn import SplitQuantLinear
+from optimum_splitquant.nn.compact import ids_in_range
 
 NAME = "bert-seqcls"
 
@@ -80,6 +85,75 @@ def test_cluster_id_out_of_range(copy_of):
     key = "bert.encoder.layer.1.output.dense.weight_packed"
     rewrite_weights(copy_of, lambda t: t[key].__setitem__((3, 5), 0xF3))  # high nibble: id 3 with k = 3
     expect_refused(copy_of, r"output\.dense: weight_packed holds cluster id 3")
+
+
+def test_cluster_id_in_the_padding_of_a_row():
+    """Rows pad to 8 symbols with zero symbols; a nonzero id there is damage too, named as such."""
+    layer = SplitQuantLinear.from_float(nn.Linear(13, 4), QuantSpec(2, 3))
+    layer.validate()
+    with torch.no_grad():
+        layer.weight_packed[1, 7] |= 0xC0  # width 4: byte 7 holds symbols 14 and 15 (padding); id 3 in 15
+    with pytest.raises(ValueError, match=r"weight_packed holds cluster id 3 in the padding after a row's last weight"):
+        layer.validate()
+
+
+@pytest.mark.parametrize(
+    ("bits", "k"), [(2, 3), (2, 5), (3, 3), (3, 6), (4, 3), (4, 12), (8, 3), (8, 6), (8, 11)], ids=lambda v: str(v)
+)
+def test_vectorised_id_check_agrees_with_decoding_every_symbol(bits, k):
+    """The word-wise range check gives the verdict of a full decode, for every packed width it handles."""
+    spec = QuantSpec(bits, k)
+    width = spec.symbol_width
+    gen = torch.Generator().manual_seed(16 * bits + k)
+    verdicts = []
+    for n in (5, 8, 13, 40):
+        count = packed_row_bytes(n, width) * 8 // width  # padding included
+        for trial in range(24):
+            ids = torch.randint(0, k, (3, count), generator=gen)
+            if trial % 2:  # one symbol anywhere gets any id pattern
+                ids[trial % 3, trial % count] = int(torch.randint(0, 1 << spec.id_bits, (1,), generator=gen))
+            codes = torch.randint(0, spec.levels, (3, count), generator=gen)
+            packed = pack_rows(ids << bits | codes, width)
+            if trial % 6 == 5:
+                packed = torch.randint(0, 256, packed.shape, generator=gen, dtype=torch.uint8)
+            expected = int((unpack_rows(packed, width, count) >> bits).max()) < k
+            assert ids_in_range(packed, spec) == expected, (n, trial)
+            unaligned = torch.cat([torch.zeros(3, dtype=torch.uint8), packed.flatten()])[3:].view(packed.shape)
+            assert ids_in_range(unaligned, spec) == expected, (n, trial)  # a view 3 bytes into its storage
+            verdicts.append(expected)
+    assert any(verdicts) and not all(verdicts)
+
+
+def _fill_ranges(value: float):
+    def edit(tensors):
+        for key, tensor in tensors.items():
+            if key.endswith((".weight_scale", ".weight_offset")):
+                tensor.fill_(value)
+
+    return edit
+
+
+def test_weights_that_overflow_the_compute_dtype(copy_of, sample_inputs):
+    """Scales and offsets at the largest float16 rebuild weights up to 4 x 65504: finite in float32 only."""
+    rewrite_weights(copy_of, _fill_ranges(65504.0))
+    with pytest.raises(
+        ValueError,
+        match=r"bert\.encoder\.layer\.0\.attention\.self\.query: weight_scale and weight_offset rebuild weights of "
+        r"magnitude up to 262016, which overflow torch\.float16 .* load it with dtype=torch\.float32",
+    ):
+        load(NAME, copy_of, dtype=torch.float16)
+    assert torch.isfinite(run(load(NAME, copy_of), sample_inputs)).all()
+
+
+def test_scale_dtype_that_disagrees_with_the_stored_scales(copy_of):
+    edit_config(copy_of, lambda c: c["quantization_config"].update(scale_dtype="bfloat16"))
+    expect_refused(
+        copy_of,
+        r"tensor 'bert\.[\w.]+\.weight_(scale|offset)' in model\.safetensors is stored as F16 \(float16\) but "
+        r"config\.json quantization_config\.scale_dtype is 'bfloat16'",
+    )
+    with pytest.raises(ValueError, match=r"config\.json quantization_config\.scale_dtype is 'bfloat16'"):
+        osq.verify_checkpoint(copy_of, load=False)
 
 
 def test_truncated_file(copy_of):
@@ -156,14 +230,16 @@ def test_nan_weights_are_refused_with_the_layer_name(tiny_dirs, tmp_path):
 
 
 def test_loading_without_the_plugin_is_loud(saved):
-    """Documented: without `import optimum_splitquant` transformers warns and builds random float layers."""
+    """Documented: with the start-up hook off and no `import optimum_splitquant`, transformers warns and
+    builds random float layers."""
     script = textwrap.dedent(
         f"""
         from transformers import AutoModelForSequenceClassification
         AutoModelForSequenceClassification.from_pretrained({str(saved)!r})
         """
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    env = {**os.environ, "OPTIMUM_SPLITQUANT_NO_AUTOLOAD": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
     assert "Unknown quantization type" in proc.stderr + proc.stdout
     assert "MISSING" in proc.stderr + proc.stdout
 

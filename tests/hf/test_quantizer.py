@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -204,6 +205,28 @@ def test_bfloat16_load_and_reload(tiny_dirs, sample_inputs, tmp_path):
     bf16.save_pretrained(tmp_path)
     again = load("llama-lm", tmp_path, dtype=torch.bfloat16)
     assert torch.equal(run(again, sample_inputs), out)
+
+
+def test_a_cast_model_saves_the_scale_dtype_it_holds(tiny_dirs, sample_inputs, tmp_path):
+    """model.to(bfloat16) casts the fp16 scales; config.json must then say bfloat16, or the reload is refused."""
+    model = load("llama-lm", tiny_dirs["llama-lm"], quantization_config=SplitQuantConfig(bits=4)).to(torch.bfloat16)
+    assert {m.weight_scale.dtype for m in quantized_layers(model).values()} == {torch.bfloat16}
+    out = run(model, sample_inputs)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["scale_dtype"] == "bfloat16"
+    again = load("llama-lm", tmp_path)  # float32 layers, the scales as stored
+    assert {m.weight_scale.dtype for m in quantized_layers(again).values()} == {torch.bfloat16}
+    assert torch.equal(run(again.to(torch.bfloat16), sample_inputs), out)  # cast as the saved model was
+
+
+def test_scales_held_in_two_dtypes_are_not_saved(tiny_dirs, tmp_path):
+    model = load("llama-lm", tiny_dirs["llama-lm"], quantization_config=SplitQuantConfig(bits=4))
+    name, layer = next(iter(quantized_layers(model).items()))
+    layer.weight_scale = layer.weight_scale.float()
+    held = rf"held in torch\.float32 \(e\.g\. {re.escape(name)}\), torch\.float16 \(e\.g\. {re.escape(name)}\)"
+    with pytest.raises(ValueError, match=rf"cannot save: SplitQuant scales and offsets are {held}"):
+        model.save_pretrained(tmp_path)
+    assert not (tmp_path / "config.json").exists()
 
 
 def test_dequantized_model_saves_as_plain_float(tiny_dirs, sample_inputs, tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoModel, BertConfig
+from transformers import AutoModel, AutoModelForSequenceClassification, BertConfig
 
 import optimum_splitquant as osq
 from optimum_splitquant.checkpoint.format import METADATA_SETTINGS_KEY
@@ -109,6 +109,45 @@ def test_quantization_config_with_an_unknown_field(ckpt):
 def test_deeply_nested_config(ckpt):
     (ckpt / "config.json").write_text('{"architectures": ' + "[" * 100000 + "]" * 100000 + "}")
     with pytest.raises(ValueError, match=r"config\.json: JSON nested too deeply"):
+        osq.verify_checkpoint(ckpt, load=False)
+
+
+# ---- the model class that verification loads ---------------------------------------------------------
+
+
+def _seqcls_save(tiny_dirs, folder: Path, **config) -> Path:
+    """A SplitQuant INT2 save of the tiny BERT classifier (keys under ``bert.``), without ``architectures``."""
+    model = AutoModelForSequenceClassification.from_pretrained(
+        tiny_dirs["bert-seqcls"], quantization_config=osq.SplitQuantConfig(bits=2, **config)
+    )
+    model.save_pretrained(folder)
+    _edit_config(folder, lambda c: {k: v for k, v in c.items() if k != "architectures"})
+    return folder
+
+
+def test_a_save_without_architectures_verifies_through_automodel(tiny_dirs, tmp_path):
+    """AutoModel builds BertModel: the ``bert.`` prefix is dropped while loading, as for float weights."""
+    folder = _seqcls_save(tiny_dirs, tmp_path / "q")
+    assert osq.verify_checkpoint(folder).quantized_layers == 13  # 2 x 6 encoder Linear + the pooler
+    _edit_config(folder, lambda c: c.__setitem__("architectures", ["NotATransformersClass"]))
+    assert osq.verify_checkpoint(folder).quantized_layers == 13
+
+
+def test_quantized_layers_outside_the_loaded_class_are_not_called_verified(tiny_dirs, tmp_path):
+    folder = _seqcls_save(tiny_dirs, tmp_path / "q", modules_to_not_convert=[])  # the classifier too
+    with pytest.raises(
+        ValueError, match=r"BertModel .* loads only 13 of the 14 SplitQuant layers; \['classifier'\] were not checked"
+    ):
+        osq.verify_checkpoint(folder)
+    _edit_config(folder, lambda c: c.__setitem__("architectures", ["BertForSequenceClassification"]))
+    assert osq.verify_checkpoint(folder).quantized_layers == 14
+
+
+def test_scale_dtype_that_disagrees_with_the_tensors(ckpt):
+    _edit_config(ckpt, lambda c: c["quantization_config"].__setitem__("scale_dtype", "float32"))
+    with pytest.raises(
+        ValueError, match=r"stored as F16 \(float16\) but .*config\.json quantization_config\.scale_dtype is 'float32'"
+    ):
         osq.verify_checkpoint(ckpt, load=False)
 
 

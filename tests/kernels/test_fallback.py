@@ -106,8 +106,12 @@ def test_build_reports_a_compile_error(monkeypatch: pytest.MonkeyPatch, tmp_path
         pytest.skip("no C++ compiler on this machine")
     bad = tmp_path / "bad.cpp"
     bad.write_text("this is not C++\n")
+    empty = tmp_path / "empty.cpp"  # the other sources: nothing to compile, so the error comes fast
+    empty.write_text("")
     monkeypatch.setenv(_build.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setattr(_build, "SOURCE", bad)
+    for name in ("KMEANS_SOURCE", "FIT_SOURCE", "KMEANS_DP_SOURCE"):
+        monkeypatch.setattr(_build, name, empty)
     with pytest.raises(_build.KernelBuildError, match="compiling the kernels failed"):
         _build.build_library()
     assert not list((tmp_path / "cache" / "kernels").glob("*.so"))  # nothing half-written is left

@@ -334,6 +334,34 @@ def test_input_requiring_grad_takes_the_differentiable_path() -> None:
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_backward_recomputes_the_weight_instead_of_keeping_it(bias: bool) -> None:
+    q = SplitQuantLinear.from_float(make_linear(96, 80, bias=bias), QuantSpec(2, 3))
+    if bias:
+        q.bias.requires_grad_(True)
+    twin = q.dequantize()  # the float layer with the same weight
+    twin.weight.requires_grad_(False)
+    x = make_input(3, 5, 96).requires_grad_()
+    saved: list[torch.Size] = []
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        out = q(x)
+    assert torch.Size([80, 96]) not in saved  # no float weight kept for the backward pass
+    x_twin = x.detach().clone().requires_grad_()
+    expected = twin(x_twin)
+    assert torch.equal(out, expected)
+    grad = make_input(3, 5, 80, seed=7)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x.grad, x_twin.grad, rtol=1e-6, atol=1e-6)
+    if bias:
+        torch.testing.assert_close(q.bias.grad, twin.bias.grad, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 def test_weight_cache_is_opt_in_and_exact(bias: bool) -> None:
     from optimum_splitquant.nn import linear as linear_mod
 

@@ -12,7 +12,7 @@ result is the global optimum (not a Lloyd fixed point), found by pruning with lo
   splits, so its minimum puts every item wholly on one side: a chain DP over (item, side) states
   evaluates it for all items at once. Items whose bound exceeds the best known partition (the
   exact chain DP over the same positions) cannot hold an optimal cut and are dropped.
-* Sorted rows (float64, short rows, per-channel batches): the positions are those between
+* Sorted rows (float64, short rows, per-channel batches; ``k <= 3``): the positions are those between
   distinct sorted values. Regions that may hold each cut start as the whole row and shrink by
   pruning passes over 16 equal items until they are small; all positions in them are then
   searched. Rows proceed independently, so a hard row never pads the others' work.
@@ -30,14 +30,21 @@ result is the global optimum (not a Lloyd fixed point), found by pruning with lo
   value next to each cut and geometrically growing items further out certifies it, refining
   (and reading more bins) only where items survive.
 
-* Compiled search: when the optional CPU kernels are built (:mod:`optimum_splitquant.kernels`),
-  binned rows with ``2 <= k <= 4`` are searched by ``kernels/kmeans_cpu.cpp`` (same bins, same
-  bound, plain loops). Prefix sums at positions inside read bins are ``sum of the bins before +
-  exact sum of the bin's values before`` in both searches, so they return the same bits.
+  When the bound cannot prune (a few far outliers: the certificate layout grows past 256
+  positions per cut, or its pairwise tables past 2^26 values), the cuts come from the dynamic
+  programme below over the sorted row instead (memory ``O(k n)``), and the bins holding them are
+  read as the search would: the same cuts, the same bits.
 
-* Many clusters (``k >= 10``, or ``k >= 6`` on binned-length rows shorter than ``2**18``): the
-  pruning search grows fast with ``k``, so the rows are sorted and solved by the classic dynamic
-  programme with divide and conquer (the optimal last cut is monotone), ``O(k n log n)``.
+* Compiled search: when the optional CPU kernels are built (:mod:`optimum_splitquant.kernels`),
+  binned rows (``k <= 9``) are searched by ``kernels/kmeans_cpu.cpp`` (same bins, same bound,
+  plain loops). Prefix sums at positions inside read bins are ``sum of the bins before + exact sum
+  of the bin's values before`` in both searches, so they return the same bits.
+
+* Many clusters (``k >= 10``, ``k >= 6`` on binned-length rows shorter than ``2**18``, ``k >= 4``
+  on sorted rows): the pruning search grows fast with ``k`` (per-channel batches at k = 8: minutes
+  for a 1536x384 weight), so the rows are sorted and solved by the classic dynamic
+  programme with divide and conquer (the optimal last cut is monotone), ``O(k n log n)``; its
+  layers run compiled (``kernels/kmeans_dp_cpu.cpp``, the same cuts) when the kernels are built.
 
 ``values`` of shape ``(G, n)`` gives ``G`` independent clusterings (``G = 1`` for a whole tensor,
 ``G = rows`` for per-output-channel clustering); a row gets bit-identical results alone or in a

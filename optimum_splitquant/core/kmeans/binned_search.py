@@ -13,6 +13,7 @@ import torch
 
 from .binned_source import _BinnedSource, _sum_of_squares
 from .bounds import _F64, _NEG, _TOL, _best_cuts, _best_in_ranges, _keep_items, _layouts, _prune_pass, _regions, _val
+from .dp import _dc_cuts
 from .partition import _canonical, _midpoints
 from .sorted_search import _cluster_sorted
 
@@ -22,6 +23,17 @@ _READ_BINS = 3  # bins read on each side of the best bin edges before the exact 
 _START_ITEMS = 32  # quantile items of the first, global pruning pass
 _DENSE = 32  # single-value items on each side of an incumbent cut in the certificate layout
 _GROWTH = 1.2  # then items grow by this factor with their distance from the cut
+# Certificate layouts of at most this many positions per cut (a layout shared by all cuts: times k - 1),
+# and the bound's pairwise tables ((2 P)^2 float64 values per pair of consecutive cuts, and a few
+# temporaries of P^2) within 2^26 values (512 MB); past either, the dynamic programme over the sorted
+# row finds the cuts (a few far outliers: the bound cannot prune, and the layouts keep growing).
+_POSITIONS_PER_CUT = 256
+_PAIR_VALUES = 1 << 26
+
+
+def _max_positions(k1):
+    """Most positions a certificate layout of ``k1`` cuts may have."""
+    return min(_POSITIONS_PER_CUT * k1, math.isqrt(_PAIR_VALUES // (4 * max(k1 - 1, 1))))
 
 
 def _grown_steps(start: int, limit: float) -> list[int]:
@@ -105,7 +117,8 @@ def _start(src, k):
 
 
 def _certify(src, cuts, lo, hi, max_levels=64):
-    """Exact best cuts (counts), given an incumbent and regions known to hold the optimal cuts."""
+    """Exact best cuts (counts), given an incumbent and regions known to hold the optimal cuts; None
+    when a layout grows past _max_positions (the bound cannot prune: its pairwise tables would not fit)."""
     g, k1 = cuts.shape
     nt, st = src.nt, src.st
     tol = _TOL * src.q_bound
@@ -113,6 +126,8 @@ def _certify(src, cuts, lo, hi, max_levels=64):
     targets = [_around(cuts[:, j], lo[:, j], hi[:, j]) for j in range(k1)]
     for _ in range(max_levels):
         lays = _layouts(src, targets, bool((hi[:, :-1] > lo[:, 1:]).any()))
+        if max(lay.n.shape[1] for lay in lays) > _max_positions(k1):
+            return None
         cuts, best, keeps = _prune_pass(lays, lo, hi, cuts, best, nt, st, tol)
         for lay, kp in zip(lays, keeps, strict=True):
             src.expand(lay, kp)  # kept single coarse bins: read their values
@@ -171,7 +186,10 @@ def _cluster_binned(x: torch.Tensor, k: int, max_iter: int) -> tuple[torch.Tenso
         src.make_fine(bins.flatten())
         cuts = _coordinate_ascent(src, cuts, lo, hi)
         for _ in range(64):
-            _, cuts = _certify(src, cuts, rlo, rhi)
+            found = _certify(src, cuts, rlo, rhi)
+            if found is None:
+                return _cluster_binned_by_dp(x, src, k, max_iter)
+            cuts = found[1]
             cut_n = cuts[0]
             rec = src._records(cut_n)
             cut_s = rec.s
@@ -184,3 +202,21 @@ def _cluster_binned(x: torch.Tensor, k: int, max_iter: int) -> tuple[torch.Tenso
             if not src.make_fine(near[(src.counts[near] > 0) & ~src.fine[near]]):
                 return _cluster_sorted(x.to(_F64).unsqueeze(0), k, max_iter)
     return _binned_result(x, cut_n, cut_s, src.nc[-1:], src.sc[-1:])
+
+
+def _cluster_binned_by_dp(x, src, k, max_iter):
+    """The optimal cuts of one float32 row by the dynamic programme over its sorted values (memory
+    ``O(k n)``), for rows whose certificate outgrows its tables; the result is then read from the bins
+    as the search would give it: the bins holding the cuts and their neighbours are read first."""
+    cut_n = _dc_cuts(torch.sort(x.to(_F64)).values.unsqueeze(0), k)[0].to(_F64)
+    inside = (torch.searchsorted(src.nc, cut_n, right=True) - 1).clamp(0, src.nb - 1)
+    src.make_fine(inside[src.nc[inside] < cut_n])
+    e = torch.searchsorted(src.nc, cut_n)
+    near = torch.cat([src.prv[e], src.nxt[e]])
+    src.make_fine(near[(src.counts[near] > 0) & ~src.fine[near]])
+    if not bool(torch.isin(cut_n, torch.cat([src.nc, src._raw_n])).all()):  # a cut between equal values
+        return _cluster_sorted(x.to(_F64).unsqueeze(0), k, max_iter)
+    rec = src._records(cut_n)
+    if not _separated(cut_n, rec.s, src.nc[-1:], src.sc[-1:], rec.lo, rec.hi):
+        return _cluster_sorted(x.to(_F64).unsqueeze(0), k, max_iter)
+    return _binned_result(x, cut_n, rec.s, src.nc[-1:], src.sc[-1:])

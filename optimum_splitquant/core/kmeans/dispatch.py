@@ -22,7 +22,8 @@ _BINNED_MIN_N = 1 << 15  # float32/16 rows at least this long are binned instead
 _DC_MIN_K = 10
 _DC_MIN_K_MID_ROWS = 6  # ... and from k = 6 on binned-length rows shorter than:
 _DC_MAX_N_MID_K = 1 << 18
-_NATIVE_MAX_K = 4  # the compiled binned search (kernels/kmeans_cpu.cpp) takes 2 <= k <= this
+_DC_MIN_K_SORTED = 4  # ... and from k = 4 on sorted rows (short rows, per-channel batches, float64)
+_NATIVE_MAX_K = _DC_MIN_K - 1  # the compiled binned search (kernels/kmeans_cpu.cpp): every binned k from 2
 
 
 def kmeans_1d(values: torch.Tensor, k: int, max_iter: int = _MAX_ITER) -> KMeans1D:
@@ -48,7 +49,8 @@ def kmeans_1d(values: torch.Tensor, k: int, max_iter: int = _MAX_ITER) -> KMeans
         raise ValueError("kmeans_1d got NaN or infinite values")
     with torch.inference_mode():  # lower per-op overhead; the results are cloned out below
         binned = x.dtype in (torch.float32, torch.float16, torch.bfloat16) and n >= _BINNED_MIN_N
-        if k >= _DC_MIN_K or (binned and k >= _DC_MIN_K_MID_ROWS and n < _DC_MAX_N_MID_K):
+        dc_from = _DC_MIN_K_MID_ROWS if n < _DC_MAX_N_MID_K else _DC_MIN_K
+        if k >= _DC_MIN_K or k >= (dc_from if binned else _DC_MIN_K_SORTED):
             centers, counts, inertia = _cluster_dc(x.to(_F64), k, max_iter)
         elif binned:
             parts = [_cluster_binned_row(x[g].to(torch.float32).contiguous(), k, max_iter) for g in range(rows)]

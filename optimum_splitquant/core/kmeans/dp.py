@@ -1,5 +1,7 @@
 """Many clusters: the classic dynamic programme over sorted rows, each layer solved by divide and
 conquer (the optimal last cut is monotone), ``O(k n log n)``; the pruning search grows fast with ``k``.
+The layers run compiled (``kernels/kmeans_dp_cpu.cpp``, the same operations on the same prefix sums,
+hence the same cuts) when the optional CPU kernels are built, else as vectorized torch.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ def _dc_cuts(s: torch.Tensor, k: int) -> torch.Tensor:
     ps = torch.cat([z, c.cumsum(1)], 1).flatten()
     pq = torch.cat([z, (c * c).cumsum(1)], 1).flatten()
     width = n + 1
+    if k > 1:
+        native = _native_dp(ps.view(g, width), pq.view(g, width), k)
+        if native is not None:
+            return native
     big = torch.iinfo(torch.int64).max
     counts = torch.arange(width, dtype=_F64, device=dev)
     prev = (pq.view(g, width) - ps.view(g, width).square() / counts.clamp(min=1)).flatten()
@@ -71,3 +77,12 @@ def _dc_cuts(s: torch.Tensor, k: int) -> torch.Tensor:
         prev = cur
         args.append(arg.view(g, width))
     return torch.cat(_backtrack(args, torch.full((g, 1), n, dtype=torch.int64, device=dev)), 1)
+
+
+def _native_dp(ps: torch.Tensor, pq: torch.Tensor, k: int) -> torch.Tensor | None:
+    """The compiled layers' cuts for prefix sums ``(G, n + 1)``, or None (kernels not built or turned off)."""
+    if ps.device.type != "cpu":
+        return None
+    from ... import kernels  # optional compiled ops (they depend on torch alone)
+
+    return kernels.kmeans_dp(ps, pq, k)

@@ -10,12 +10,14 @@ import math
 import torch
 
 from .bounds import _F64, _NEG, _TOL, _best_in_ranges, _Layout, _layouts, _prune_pass, _regions
+from .dp import _dc_cuts
 from .partition import _finish_sorted, _sorted_prefix
 
 __all__: list[str] = []
 
 _ZOOM_ITEMS = 16  # items per region in each later pruning pass of sorted rows
 _EXHAUSTIVE = 32  # regions at most this wide are searched position by position
+_MAX_ZOOM_ITEMS = 256  # rows still stuck at this many items per region take their cuts from the DP
 
 
 def _row_unique(t):
@@ -115,7 +117,10 @@ def _solve_rows(src, cuts, lo, hi, items=_ZOOM_ITEMS, max_levels=64):
             out[todo[rows]] = _best_in_ranges(sub, lo[rows], hi[rows])
         if bool(stuck.any()):
             rows = stuck.nonzero().flatten()
-            out[todo[rows]] = _solve_rows(src.subset(rows), cuts[rows], lo[rows], hi[rows], items * 4)
+            if items * 4 > _MAX_ZOOM_ITEMS:  # the bound cannot prune (far outliers): the dynamic programme
+                out[todo[rows]] = _dc_cuts(src.s[rows], cuts.shape[1] + 1).to(out.dtype)
+            else:
+                out[todo[rows]] = _solve_rows(src.subset(rows), cuts[rows], lo[rows], hi[rows], items * 4)
         go = ~(done | stuck)
         if not bool(go.any()):
             return out
