@@ -360,7 +360,7 @@ def format_report(result: DemoResult) -> str:
         f"FP32 classifier: {result.classifier_dir}"
         + (f" (built now in {result.build_s:.0f} s)" if result.built else " (cached; its score measured at build)"),
         f"quantized models: {result.rows[-1].path.parent}/sms-spam-minilm-int2-k*  "
-        "(load them after `import optimum_splitquant`)",
+        "(from_pretrained loads them where the package is installed)",
         f"total {result.total_s:.0f} s",
     ]
     return "\n".join(lines)
