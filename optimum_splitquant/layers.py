@@ -85,16 +85,21 @@ class LayerKind:
         return rows.t() if self.name == "conv1d" else rows.reshape(shape)
 
     def build(
-        self, module: nn.Module, spec: QuantSpec, *, float_weight: bool, dtype: torch.dtype | None = None
+        self,
+        module: nn.Module,
+        spec: QuantSpec,
+        *,
+        float_weight: bool,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> SplitQuantModule:
-        """An empty quantized layer shaped like the float ``module`` (on the current default device)."""
+        """An empty quantized layer shaped like the float ``module`` (on ``device``, else the default one)."""
         bias = getattr(module, "bias", None) is not None
+        settings = {"bias": bias, "spec": spec, "float_weight": float_weight, "device": device, "dtype": dtype}
         if self.name == "conv2d":
-            return SplitQuantConv2d(
-                **conv2d_settings(module), bias=bias, spec=spec, float_weight=float_weight, dtype=dtype
-            )
+            return SplitQuantConv2d(**conv2d_settings(module), **settings)
         rows, width = self.dims(module)
-        return SplitQuantLinear(width, rows, bias, spec=spec, source=self.name, float_weight=float_weight, dtype=dtype)
+        return SplitQuantLinear(width, rows, source=self.name, **settings)
 
     def quantize(self, module: nn.Module, spec: QuantSpec, ids: torch.Tensor | None = None) -> SplitQuantModule:
         """Quantize the float ``module``; ``ids`` (shape ``(rows, width)``) overrides the clustering."""
@@ -185,8 +190,9 @@ def replace_layers(model: nn.Module, spec: QuantSpec, names: Iterable[str], *, f
     for name in names:
         module = layers[name]
         try:
-            with torch.device("meta"):
-                new = layer_kind(module).build(module, spec, float_weight=float_weight, dtype=module.weight.dtype)
+            new = layer_kind(module).build(
+                module, spec, float_weight=float_weight, device="meta", dtype=module.weight.dtype
+            )
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
         set_submodule(model, name, new)

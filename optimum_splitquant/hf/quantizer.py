@@ -13,10 +13,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers.core_model_loading import ConversionOps
+from transformers.core_model_loading import ConversionOps, WeightConverter
 from transformers.quantizers import HfQuantizer
 
-from ..checkpoint.format import FORMAT_VERSION, QUANTIZED_TENSORS, layer_tensors
+from ..checkpoint.format import FORMAT_VERSION, PACKED, QUANTIZED_TENSORS, layer_tensors
 from ..checkpoint.headers import (
     CheckpointIndex,
     check_consistency,
@@ -31,7 +31,7 @@ from .config import QUANT_METHOD, SplitQuantConfig
 from .key_mapping import checkpoint_key_renamer, module_renamer, outside_base_model
 from .memory import own_float_tensors
 
-__all__ = ["QuantizeOnLoad", "SplitQuantHfQuantizer"]
+__all__ = ["LayerTensors", "QuantizeOnLoad", "SplitQuantHfQuantizer"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,12 +86,24 @@ class SplitQuantHfQuantizer(HfQuantizer):
         self.load_dtype = dtype
         return dtype
 
+    def get_weight_conversions(self) -> list:
+        """Loading a checkpoint: one conversion per layer for its SplitQuant tensors (see :class:`LayerTensors`)."""
+        if not self.pre_quantized:
+            return []
+        return [WeightConverter(list(QUANTIZED_TENSORS), PACKED, [LayerTensors()])]
+
+    def get_new_dtype(self, converter: Any, param: Any, dtype: torch.dtype | None) -> torch.dtype | None:
+        if LayerTensors.used_by(converter):
+            return None  # codes, scales and offsets load as stored (the headers were checked against the config)
+        return super().get_new_dtype(converter, param, dtype)
+
     def update_weight_conversions(self, weight_conversions: list, model: torch.nn.Module) -> list:
         conversions = super().update_weight_conversions(weight_conversions, model)
         if self._index is not None:
             # The conversions now include a `key_mapping` given to from_pretrained: layers whose stored
             # names only it maps into the model are rebuilt here (the model is still on the meta device).
-            self._rebuild_layers(model, checkpoint_key_renamer(model, conversions))
+            model_conversions = [c for c in conversions if not LayerTensors.used_by(c)]
+            self._rebuild_layers(model, checkpoint_key_renamer(model, model_conversions))
             if self._pending:
                 raise self._unknown_layers(model, self._pending, module_renamer(checkpoint_key_renamer(model)))
         return conversions
@@ -279,3 +291,23 @@ class QuantizeOnLoad(ConversionOps):
             for tensor in ("weight", *QUANTIZED_TENSORS):
                 missing_keys.discard(f"{module_name}.{tensor}")
         return {}
+
+
+class LayerTensors(ConversionOps):
+    """Load-time grouping of one layer's SplitQuant tensors: handed on unchanged, under their own names.
+
+    transformers builds one key transform per checkpoint tensor that no conversion matches (a regex
+    compiled for each); matched by this one conversion, a layer's three tensors cost one. Saving
+    reverses it into the same pass-through.
+    """
+
+    def convert(self, input_dict: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        return input_dict
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        return self
+
+    @staticmethod
+    def used_by(conversion: Any) -> bool:
+        return any(isinstance(op, LayerTensors) for op in getattr(conversion, "operations", ()))

@@ -21,7 +21,7 @@ from transformers.pytorch_utils import Conv1D
 
 import optimum_splitquant
 from optimum_splitquant import SplitQuantConfig, size_report
-from optimum_splitquant.checkpoint.format import METADATA_FORMAT_KEY
+from optimum_splitquant.checkpoint.format import METADATA_FORMAT_KEY, QUANTIZED_TENSORS
 
 HEADS = {"bert-base": "pooler.dense", "bert-seqcls": "classifier", "gpt2-lm": "lm_head", "llama-lm": "lm_head"}
 
@@ -106,6 +106,38 @@ def test_sharded_save_reloads_identically(tiny_dirs, sample_inputs, tmp_path):
     shards = sorted(p.name for p in tmp_path.glob("*.safetensors"))
     assert len(shards) > 1, shards
     again = load("llama-lm", tmp_path)
+    assert torch.equal(run(again, sample_inputs), run(model, sample_inputs))
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_a_reloaded_checkpoint_saves_the_same_tensors(tiny_dirs, tmp_path, dtype):
+    """Loading groups each layer's tensors in one conversion; saving reverses it into the same file."""
+    model = load("llama-lm", tiny_dirs["llama-lm"], quantization_config=SplitQuantConfig(bits=2))
+    model.save_pretrained(tmp_path / "first")
+    again = load("llama-lm", tmp_path / "first", dtype=dtype)
+    for layer in quantized_layers(again).values():
+        assert (layer.weight_packed.dtype, layer.weight_scale.dtype) == (torch.uint8, torch.float16)
+    again.save_pretrained(tmp_path / "second")
+    first, second = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("first", "second"))
+    quantized = [k for k in first if k.endswith(QUANTIZED_TENSORS)]
+    assert quantized and set(first) == set(second)
+    for key in quantized:
+        assert first[key].dtype == second[key].dtype and torch.equal(first[key], second[key]), key
+
+
+@pytest.mark.parametrize("offload_buffers", [False, True])
+def test_reload_with_a_layer_offloaded_to_disk(tiny_dirs, sample_inputs, tmp_path, offload_buffers):
+    model = load("llama-lm", tiny_dirs["llama-lm"], quantization_config=SplitQuantConfig(bits=4))
+    model.save_pretrained(tmp_path / "q")
+    on_cpu = ("model.embed_tokens", "model.layers.0", "model.norm", "model.rotary_emb", "lm_head")
+    device_map = {**dict.fromkeys(on_cpu, "cpu"), "model.layers.1": "disk"}
+    again = load(
+        "llama-lm",
+        tmp_path / "q",
+        device_map=device_map,
+        offload_folder=str(tmp_path / "offload"),
+        offload_buffers=offload_buffers,
+    )
     assert torch.equal(run(again, sample_inputs), run(model, sample_inputs))
 
 
