@@ -100,12 +100,12 @@ FRONTIER_WIDTHS = (576, 384)
 HQQ_BITS = (2, 3, 4)
 HQQ_GROUPS = (16, 32, 64, 128)
 #: The SplitQuant product that ``frontier-full`` runs (filtered by FRONTIER_RANGE).
-SPLITQUANT_BITS = (2, 3, 4)
+SPLITQUANT_BITS = (2, 3, 4, 5)
 SPLITQUANT_CLUSTERS = (1, 2, 3, 4)
 SPLITQUANT_GROUPS = (None, 32, 64, 128, 192)
 SPLITQUANT_FITS = ("minmax", "mse")
 #: The pruned SplitQuant grid that ``frontier`` runs: (bits, num_clusters, group_size), each with every
-#: fit of SPLITQUANT_FITS (20 x 2 = 40 configs). Comments: expected bits on 576 / 384-wide layers. The
+#: fit of SPLITQUANT_FITS (23 x 2 = 46 configs). Comments: expected bits on 576 / 384-wide layers. The
 #: full product in range has 43 triples; this keeps a few candidates just under each budget of
 #: output.BUDGETS and drops near-duplicates (k=3 with groups, g32 with k>=2, g192 where g128/None is close).
 #: g128 does not divide SmolLM2's 576: those rows are n/a there (g64 and g192 do divide it).
@@ -121,6 +121,7 @@ FRONTIER_SPLITQUANT: tuple[tuple[int, int, int | None], ...] = (
     (3, 2, None),  # 4.11 / 4.17
     (2, 3, None),  # 4.17 / 4.25
     (2, 4, None),  # 4.22 / 4.33
+    (4, 1, 192),  # 4.17
     (4, 1, 128),  # 4.25 (MiniLM only)
     (3, 2, 192),  # 4.33
     (4, 1, 64),  # 4.50
@@ -129,7 +130,9 @@ FRONTIER_SPLITQUANT: tuple[tuple[int, int, int | None], ...] = (
     (3, 2, 64),  # 5.00
     (4, 2, None),  # 5.11 / 5.17
     (3, 4, None),  # 5.22 / 5.33
+    (5, 1, 64),  # 5.50
     (4, 2, 64),  # 6.00
+    (5, 1, 32),  # 6.00
 )
 
 

@@ -68,7 +68,7 @@ def push(output: Path, repo_id: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bits", type=int, default=2, help="code bits per weight: 2, 3, 4 or 8 (default 2)")
+    parser.add_argument("--bits", type=int, default=2, help="code bits per weight: 2 to 8 (default 2)")
     parser.add_argument("--output", type=Path, help="folder to keep the model in (default: a temporary one)")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="also push to this Hub repository")
     args = parser.parse_args(argv)

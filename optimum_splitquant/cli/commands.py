@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", parents=[common], help="quantize a model into a SplitQuant folder")
     q.add_argument("model", help="local model folder or Hub id")
-    q.add_argument("--bits", type=int, required=True, help="code bits per weight: 2, 3, 4 or 8")
+    q.add_argument("--bits", type=int, required=True, help="code bits per weight: 2 to 8")
     q.add_argument("--num-clusters", type=int, default=3, help="k-means clusters per layer (1 = plain min-max)")
     q.add_argument("--group-size", type=int, default=None, help="input columns per range (default: whole row)")
     q.add_argument("--clustering", default="tensor", help="tensor (one k-means per layer) or channel (per row)")

@@ -122,12 +122,13 @@ def _quantize_rows(w: torch.Tensor, ids: torch.Tensor, spec: QuantSpec, groups: 
     offset, scale = _stored_range(
         lo.masked_fill_(empty, 0.0).view(out_f, groups, k), hi.masked_fill_(empty, 0.0).view(out_f, groups, k), spec
     )
-    codes = _codes(
-        wg, offset.float().reshape(rows, k).gather(1, idg), scale.float().reshape(rows, k).gather(1, idg), spec
-    )
     if spec.fit == "mse":
-        idg, codes, offset, scale = _fit_mse(wg, idg, codes, offset.reshape(rows, k), scale.reshape(rows, k), spec)
+        idg, codes, offset, scale = _fit_best_start(wg, idg, lo.view(rows, k), hi.view(rows, k), spec)
         offset, scale = offset.view(out_f, groups, k), scale.view(out_f, groups, k)
+    else:
+        codes = _codes(
+            wg, offset.float().reshape(rows, k).gather(1, idg), scale.float().reshape(rows, k).gather(1, idg), spec
+        )
     symbols = (idg.to(torch.int32) << spec.bits).bitwise_or_(codes.to(torch.int32))
     return pack_rows(symbols.reshape(out_f, in_f), spec.symbol_width), scale, offset
 
@@ -142,9 +143,63 @@ def _codes(w: torch.Tensor, off: torch.Tensor, scale: torch.Tensor, spec: QuantS
 FIT_ITERATIONS = 6
 """Refit / reassign rounds of ``fit="mse"``: each round lowers (or keeps) the squared error."""
 
+FIT_STARTS: tuple[tuple[float, int], ...] = ((1.0, 0), (1.0, 1), (0.9, 0), (0.8, 0))
+"""Starting grids of ``fit="mse"``, as ``(kept, spare)``: each slot's min-max range shrunk to the share
+``kept`` around its middle, spread over ``levels - 1 - spare`` steps (``spare`` codes past the top).
+Each start is refitted for :data:`FIT_TRIAL_ITERATIONS` rounds; every (row, group) keeps the start
+with the least squared error and refits it for the rest of :data:`FIT_ITERATIONS`."""
+
+FIT_TRIAL_ITERATIONS = 2
+"""Rounds each start of :data:`FIT_STARTS` gets before the best one per (row, group) is kept."""
+
+
+def _fit_best_start(
+    w: torch.Tensor, ids: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(ids, codes, offset, scale)`` of the best :data:`FIT_STARTS` fit of each line of ``w``.
+
+    ``lo`` / ``hi`` are each (line, cluster) slot's member minimum and maximum (0 for empty slots).
+    """
+    mid = (lo + hi) / 2
+    ranges = [
+        _stored_range(mid + (lo - mid) * kept, mid + (hi - mid) * kept, spec, spare) for kept, spare in FIT_STARTS
+    ]
+    offsets, scales = (torch.stack(t) for t in zip(*ranges, strict=True))
+    trial = min(FIT_TRIAL_ITERATIONS, FIT_ITERATIONS)
+    if w.device.type == "cpu":
+        from .. import kernels  # optional compiled ops (a leaf: torch only)
+
+        try:
+            fitted = kernels.fit_mse_starts(w, ids, offsets, scales, spec.bits, trial, FIT_ITERATIONS)
+        except RuntimeError as exc:  # the only failure of valid inputs: a range past the storage dtype
+            raise ValueError(_overflow_message(spec)) from exc
+        if fitted is not None:
+            return fitted
+    best = best_err = None
+    for offset, scale in zip(offsets, scales, strict=True):
+        codes = _codes(w, offset.float().gather(1, ids), scale.float().gather(1, ids), spec)
+        fit = _fit_mse(w, ids, codes, offset, scale, spec, trial)
+        f_ids, f_codes, f_off, f_scale = fit
+        rebuilt = f_off.float().gather(1, f_ids) + f_codes * f_scale.float().gather(1, f_ids)
+        # Summed in element order (a running sum), as the compiled kernel sums: the same choice on both paths.
+        err = (w - rebuilt).double().square_().cumsum(1)[:, -1:]
+        if best is None:
+            best, best_err = list(fit), err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = [torch.where(better, new, old) for new, old in zip(fit, best, strict=True)]
+    return _fit_mse(w, best[0], best[1], best[2], best[3], spec, FIT_ITERATIONS - trial)
+
 
 def _fit_mse(
-    w: torch.Tensor, ids: torch.Tensor, codes: torch.Tensor, offset: torch.Tensor, scale: torch.Tensor, spec: QuantSpec
+    w: torch.Tensor,
+    ids: torch.Tensor,
+    codes: torch.Tensor,
+    offset: torch.Tensor,
+    scale: torch.Tensor,
+    spec: QuantSpec,
+    iterations: int = FIT_ITERATIONS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Least-squares ranges for ``lines`` of weights ``w`` (one line per (row, group)), from min-max ones.
 
@@ -158,7 +213,7 @@ def _fit_mse(
         from .. import kernels  # optional compiled ops (a leaf: torch only)
 
         try:
-            fitted = kernels.fit_mse(w, ids, codes, offset, scale, spec.bits, FIT_ITERATIONS)
+            fitted = kernels.fit_mse(w, ids, codes, offset, scale, spec.bits, iterations)
         except RuntimeError as exc:  # the only failure of valid inputs: a range past the storage dtype
             raise ValueError(_overflow_message(spec)) from exc
         if fitted is not None:
@@ -166,7 +221,7 @@ def _fit_mse(
     lines, k = offset.shape
     line_base = torch.arange(lines, device=w.device).unsqueeze(1) * k
     wd = w.to(torch.float64).view(-1)
-    for _ in range(FIT_ITERATIONS):
+    for _ in range(iterations):
         slot = (ids + line_base).view(-1)
         c = codes.to(torch.float64).view(-1)
         n, sc, sw, scc, scw = (
@@ -253,13 +308,18 @@ def _checked(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach()
 
 
-def _stored_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Offset rounded down and scale rounded up to ``spec.scale_dtype`` so the grid covers ``[lo, hi]``."""
+def _stored_range(
+    lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, spare: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Offset rounded down and scale rounded up to ``spec.scale_dtype`` so the grid covers ``[lo, hi]``.
+
+    ``spare`` top codes are left past ``hi`` (the range spans ``levels - 1 - spare`` steps).
+    """
     dt = spec.scale_dtype
     offset = lo.to(dt)
     too_high = offset.float() > lo
     offset = torch.where(too_high, torch.nextafter(offset, torch.full_like(offset, -torch.inf)), offset)
-    exact = (hi - offset.float()) / (spec.levels - 1)
+    exact = (hi - offset.float()) / max(spec.levels - 1 - spare, 1)
     scale = exact.to(dt)
     too_low = scale.float() < exact
     scale = torch.where(too_low, torch.nextafter(scale, torch.full_like(scale, torch.inf)), scale)

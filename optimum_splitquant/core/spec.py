@@ -19,7 +19,7 @@ __all__ = [
     "int_field",
 ]
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
 MAX_CLUSTERS = 16
 CLUSTERINGS = ("tensor", "channel")
 FITS = ("minmax", "mse")
@@ -52,15 +52,16 @@ class QuantSpec:
     """How one weight matrix is split and quantized.
 
     Attributes:
-        bits: code width per weight inside its cluster (2, 3, 4 or 8).
+        bits: code width per weight inside its cluster (2 to 8).
         num_clusters: k of the 1-D k-means; 1 is plain asymmetric min-max quantization.
         group_size: input columns sharing one (scale, offset) per cluster; ``None`` = whole row.
         clustering: ``"tensor"`` (one k-means over the whole weight, as in the paper) or
             ``"channel"`` (one k-means per output row).
         scale_dtype: storage dtype of scales and offsets.
         fit: how each (row, group, cluster) range is chosen: ``"minmax"`` (the paper: the members'
-            minimum and maximum) or ``"mse"`` (least-squares refits alternating with moving each
-            weight to the nearest level of its row or group; the same stored layout).
+            minimum and maximum) or ``"mse"`` (from the best of several starting grids per row or
+            group, least-squares refits alternating with moving each weight to the nearest level of
+            its row or group; the same stored layout).
     """
 
     bits: int

@@ -40,11 +40,11 @@ narrower rows cost more side data per weight, so layers of at least this many in
 # embedding cosine and SmolLM2-135M perplexity, benchmarks/results/frontier_*.md), cheapest first.
 _BUDGET_TABLE: tuple[dict[str, Any], ...] = (
     {"bits": 3, "num_clusters": 1, "group_size": 64, "fit": "mse"},  # 3.5 bits
-    {"bits": 2, "num_clusters": 2, "group_size": 64, "fit": "mse"},  # 4.0
+    {"bits": 3, "num_clusters": 1, "group_size": 32, "fit": "mse"},  # 4.0
     {"bits": 2, "num_clusters": 4, "fit": "mse"},  # 4.25 on 512-wide rows
     {"bits": 4, "num_clusters": 1, "group_size": 64, "fit": "mse"},  # 4.5
     {"bits": 4, "num_clusters": 1, "group_size": 32, "fit": "mse"},  # 5.0
-    {"bits": 4, "num_clusters": 2, "group_size": 64, "fit": "mse"},  # 6.0
+    {"bits": 5, "num_clusters": 1, "group_size": 32, "fit": "mse"},  # 6.0
 )
 
 
@@ -52,14 +52,15 @@ class SplitQuantConfig(QuantizationConfigMixin):
     """Settings of SplitQuant weight quantization, validated on construction.
 
     Args:
-        bits: code bits per weight inside its cluster: 2, 3, 4 or 8.
+        bits: code bits per weight inside its cluster: 2 to 8.
         num_clusters: clusters of the 1-D k-means (3 as in the paper; 1 = plain min-max).
         group_size: input columns sharing one range per cluster; ``None`` = one per output row.
         clustering: ``"tensor"`` (one k-means per weight matrix, as in the paper) or ``"channel"``.
         scale_dtype: storage dtype of scales and offsets: ``"float16"``, ``"bfloat16"``, ``"float32"``.
         fit: how each (row or group, cluster) range is chosen: ``"minmax"`` (the paper's min-max
-            range) or ``"mse"`` (least-squares ranges, each weight on the nearest level of its row
-            or group; the same stored size, a lower reconstruction error). Only quantizing reads it.
+            range) or ``"mse"`` (least-squares ranges from the best of several starting grids, each
+            weight on the nearest level of its row or group; the same stored size, a lower
+            reconstruction error). Only quantizing reads it.
         modules_to_not_convert: module names kept in float. ``None`` keeps the task head
             (classifier / lm_head / tied output embeddings) in float; the resolved list is written
             back here when a model is quantized. ``[]`` quantizes every eligible layer.

@@ -48,6 +48,7 @@ __all__ = [
     "cache_root",
     "dequantize",
     "fit_mse",
+    "fit_mse_starts",
     "kmeans_binned",
     "kmeans_dp",
     "linear",
@@ -233,6 +234,27 @@ def fit_mse(
     if torch.compiler.is_compiling() or not available():
         return None
     return torch.ops.optimum_splitquant.fit_mse.default(w, ids, codes, offset, scale, bits, iters)
+
+
+def fit_mse_starts(
+    w: torch.Tensor,
+    ids: torch.Tensor,
+    offsets: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    trial: int,
+    iters: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Compiled :func:`fit_mse` from several starting ranges per line, or None (kernels unavailable).
+
+    ``offsets`` / ``scales`` are ``(starts, lines, k)`` in the storage dtype. Every start gets nearest
+    codes in each weight's own cluster and ``trial`` rounds; each line keeps its start with the least
+    squared error (double, summed in element order, the first on ties), refitted for ``iters - trial``
+    more rounds. The same bits as ``core.quantize``'s pure-torch search.
+    """
+    if torch.compiler.is_compiling() or not available():
+        return None
+    return torch.ops.optimum_splitquant.fit_mse_starts.default(w, ids, offsets, scales, bits, trial, iters)
 
 
 def _require_loaded() -> None:

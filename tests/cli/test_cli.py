@@ -171,7 +171,7 @@ def test_evaluate_a_float_classifier(tiny_classifier, capsys):
     [
         (["quantize", "/no/such/model", "--bits", "2"], "model path '/no/such/model' does not exist"),
         (["quantize", "nobody/unknown-model", "--bits", "2"], "offline mode (HF_HUB_OFFLINE=1)"),
-        (["quantize", "{base}", "--bits", "5"], "bits must be one of (2, 3, 4, 8), got 5"),
+        (["quantize", "{base}", "--bits", "9"], "bits must be one of (2, 3, 4, 5, 6, 7, 8), got 9"),
         (["quantize", "{base}", "--bits", "2", "--num-clusters", "17"], "num_clusters must be an integer in [1, 16]"),
         (["quantize", "{base}", "--bits", "2", "--clustering", "rows"], "clustering must be one of"),
         (["quantize", "{base}", "--bits", "2", "--group-size", "7"], "group_size=7 does not divide"),

@@ -39,7 +39,7 @@ def weights(draw):
     if draw(st.booleans()):  # few distinct values
         w = (w * 2).round() / 2
     spec = QuantSpec(
-        bits=draw(st.sampled_from([2, 3, 4, 8])),
+        bits=draw(st.sampled_from([2, 3, 4, 5, 6, 8])),
         num_clusters=draw(st.integers(1, 5)),
         group_size=group if groups > 1 or draw(st.booleans()) else None,
         clustering=draw(st.sampled_from(["tensor", "channel"])),

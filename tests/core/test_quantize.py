@@ -132,7 +132,7 @@ def test_cluster_ids_follow_kmeans(clustering: str, k: int) -> None:
 GRID = (
     [
         QuantSpec(bits, k, group, clustering, torch.float16)
-        for bits in (2, 3, 4, 8)
+        for bits in (2, 3, 4, 5, 8)
         for k in (1, 3)
         for group in (None, 32)
         for clustering in ("tensor", "channel")
@@ -168,7 +168,7 @@ def test_error_bound_and_stored_ranges(spec: QuantSpec) -> None:
 
 @pytest.mark.parametrize("scale_dtype", list(DTYPE_IDS), ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("group_size", [None, 32], ids=["row", "g32"])
-@pytest.mark.parametrize("bits", [2, 3, 4, 8], ids=lambda b: f"b{b}")
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8], ids=lambda b: f"b{b}")
 def test_one_cluster_equals_plain_minmax_reference(bits: int, group_size: int | None, scale_dtype: torch.dtype) -> None:
     w = make_weight(seed=bits)
     spec = QuantSpec(bits, 1, group_size, "tensor", scale_dtype)
@@ -364,7 +364,7 @@ def test_spec_symbol_width(k: int) -> None:
     "kwargs",
     [
         {"bits": 1},
-        {"bits": 5},
+        {"bits": 9},
         {"bits": True},
         {"bits": 4.0},
         {"bits": 2, "num_clusters": 0},
@@ -437,3 +437,49 @@ def test_mse_fit_ranges_beyond_float16_raise(compiled: bool, monkeypatch: pytest
         quantize_module._fit_mse(
             w, zeros.long(), zeros, torch.zeros(1, 1, dtype=torch.float16), torch.ones(1, 1, dtype=torch.float16), spec
         )
+
+
+def _line_errors(w: torch.Tensor, q: QuantizedWeight, spec: QuantSpec) -> torch.Tensor:
+    """Squared reconstruction error of every (row, group) line."""
+    group = spec.group_size or w.shape[1]
+    return (w - dequant(q, spec)).double().square().reshape(-1, group).sum(1)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [QuantSpec(4, 1, group_size=32, fit="mse"), QuantSpec(2, 4, fit="mse"), QuantSpec(3, 2, group_size=64, fit="mse")],
+    ids=str,
+)
+def test_mse_fit_keeps_the_best_start_of_every_line(spec: QuantSpec, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Against the min-max start alone: the layer gains, and after the trial rounds no (row, group) is worse."""
+    import optimum_splitquant.core.quantize as quantize_module
+
+    w = next(iter(minilm_linear_weights().values()))
+    best = _line_errors(w, quantize_weight(w, spec), spec)
+    starts = quantize_module.FIT_STARTS
+    monkeypatch.setattr(quantize_module, "FIT_STARTS", starts[:1])
+    single = _line_errors(w, quantize_weight(w, spec), spec)
+    assert float(best.sum()) < 0.97 * float(single.sum())
+    # Stopped after the trial rounds, the choice is exactly the best start of each line.
+    monkeypatch.setattr(quantize_module, "FIT_ITERATIONS", quantize_module.FIT_TRIAL_ITERATIONS)
+    single = _line_errors(w, quantize_weight(w, spec), spec)
+    monkeypatch.setattr(quantize_module, "FIT_STARTS", starts)
+    best = _line_errors(w, quantize_weight(w, spec), spec)
+    assert bool((best <= single).all())
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["kernels", "torch"])
+def test_mse_fit_reproduces_weights_on_a_coarser_grid(compiled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights on a 16-level grid per group of 32 come back exactly from 5-bit codes (a spare-step start)."""
+    from optimum_splitquant import kernels
+
+    if not compiled:
+        monkeypatch.setattr(kernels, "available", lambda: False)
+    gen = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 16, (8, 4, 32), generator=gen).float()
+    codes[..., 0], codes[..., 1] = 0, 15  # every group spans its whole grid, as a min-max 4-bit quantizer leaves it
+    step = (torch.rand(8, 4, 1, generator=gen) * 0.1 + 0.01).half().float()
+    low = (torch.randn(8, 4, 1, generator=gen) * 0.1).half().float()
+    w = (low + codes * step).reshape(8, 128)
+    spec = QuantSpec(5, 1, group_size=32, fit="mse")
+    assert torch.equal(dequant(quantize_weight(w, spec), spec), w)

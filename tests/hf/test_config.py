@@ -50,7 +50,7 @@ def test_round_trip_through_config_json(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "error", "pattern"),
     [
-        (dict(bits=0), ValueError, r"bits must be one of \(2, 3, 4, 8\), got 0"),
+        (dict(bits=0), ValueError, r"bits must be one of \(2, 3, 4, 5, 6, 7, 8\), got 0"),
         (dict(bits=1), ValueError, r"bits must be one of .*got 1"),
         (dict(bits=9), ValueError, r"bits must be one of .*got 9"),
         (dict(bits="two"), TypeError, r"bits must be .*got 'two'"),

@@ -33,6 +33,12 @@ def start(spec: QuantSpec, lines: int, width: int, seed: int):
     return w, ids, codes, offset, scale
 
 
+def assert_same_fit(native, reference) -> None:
+    """``(ids, codes, offset, scale)`` of the two paths are equal, dtypes included."""
+    for name, a, b in zip(("ids", "codes", "offset", "scale"), native, reference, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
 @pytest.mark.parametrize(("k", "bits", "dtype", "width"), CASES)
 def test_fit_kernel_bit_identical_to_torch(k, bits, dtype, width, monkeypatch: pytest.MonkeyPatch) -> None:
     spec = QuantSpec(bits, k, scale_dtype=dtype, fit="mse")
@@ -40,13 +46,31 @@ def test_fit_kernel_bit_identical_to_torch(k, bits, dtype, width, monkeypatch: p
     native = quantize_module._fit_mse(*args, spec)
     monkeypatch.setattr(kernels, "available", lambda: False)
     reference = quantize_module._fit_mse(*args, spec)
-    for name, a, b in zip(("ids", "codes", "offset", "scale"), native, reference, strict=True):
-        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert_same_fit(native, reference)
 
 
-def test_fit_kernel_refuses_out_of_range_ids() -> None:
+@pytest.mark.parametrize("op", ["fit_mse", "fit_mse_starts"])
+def test_fit_kernels_refuse_out_of_range_ids(op: str) -> None:
     spec = QuantSpec(2, 2, fit="mse")
     w, ids, codes, offset, scale = start(spec, 3, 8, seed=0)
     ids[0, 0] = 5
     with pytest.raises(RuntimeError, match="ids out of range"):
-        kernels.fit_mse(w, ids, codes, offset, scale, spec.bits, 2)
+        if op == "fit_mse":
+            kernels.fit_mse(w, ids, codes, offset, scale, spec.bits, 2)
+        else:
+            kernels.fit_mse_starts(w, ids, offset[None], scale[None], spec.bits, 1, 2)
+
+
+@pytest.mark.parametrize(("k", "bits", "dtype", "width"), CASES[::3])
+def test_best_start_kernel_bit_identical_to_torch(k, bits, dtype, width, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled search over FIT_STARTS (trial rounds, choice by squared error, refit) matches the torch loop."""
+    spec = QuantSpec(bits, k, scale_dtype=dtype, fit="mse")
+    w, ids, *_ = start(spec, 13, width, seed=k * 10 + bits)
+    lo = torch.full((13, k), torch.inf).scatter_reduce_(1, ids, w, "amin")
+    hi = torch.full((13, k), -torch.inf).scatter_reduce_(1, ids, w, "amax")
+    empty = torch.isinf(lo)
+    lo, hi = lo.masked_fill(empty, 0), hi.masked_fill(empty, 0)
+    native = quantize_module._fit_best_start(w, ids, lo, hi, spec)
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    reference = quantize_module._fit_best_start(w, ids, lo, hi, spec)
+    assert_same_fit(native, reference)

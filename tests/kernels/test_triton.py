@@ -27,7 +27,7 @@ from optimum_splitquant.nn import SplitQuantLinear
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (bits, clusters) -> symbol widths 2..10, and 12 (three bytes per symbol at most)
-WIDTH_CASES = [(b, k) for b in (2, 3, 4, 8) for k in (1, 2, 3, 4)] + [(8, 16)]
+WIDTH_CASES = [(b, k) for b in (2, 3, 4, 8) for k in (1, 2, 3, 4)] + [(5, 1), (6, 1), (7, 1), (8, 16)]
 WIDTH_IDS = [f"b{b}k{k}-w{QuantSpec(b, k).symbol_width}" for b, k in WIDTH_CASES]
 # (in_features, group_size): odd widths, not multiples of 8, per-row and grouped ranges
 SHAPES = [(37, None), (45, 15), (64, 16)]
