@@ -119,16 +119,14 @@ def _quantize_rows(w: torch.Tensor, ids: torch.Tensor, spec: QuantSpec, groups: 
     lo = torch.full((rows, k), torch.inf, device=w.device).scatter_reduce_(1, idg, wg, "amin")
     hi = torch.full((rows, k), -torch.inf, device=w.device).scatter_reduce_(1, idg, wg, "amax")
     empty = torch.isinf(lo)
-    offset, scale = _stored_range(
-        lo.masked_fill_(empty, 0.0).view(out_f, groups, k), hi.masked_fill_(empty, 0.0).view(out_f, groups, k), spec
-    )
+    lo.masked_fill_(empty, 0.0)
+    hi.masked_fill_(empty, 0.0)
     if spec.fit == "mse":
-        idg, codes, offset, scale = _fit_best_start(wg, idg, lo.view(rows, k), hi.view(rows, k), spec)
-        offset, scale = offset.view(out_f, groups, k), scale.view(out_f, groups, k)
+        idg, codes, offset, scale = _fit_best_start(wg, idg, lo, hi, spec)
     else:
-        codes = _codes(
-            wg, offset.float().reshape(rows, k).gather(1, idg), scale.float().reshape(rows, k).gather(1, idg), spec
-        )
+        offset, scale = _stored_range(lo, hi, spec)
+        codes = _codes(wg, offset.float().gather(1, idg), scale.float().gather(1, idg), spec)
+    offset, scale = offset.view(out_f, groups, k), scale.view(out_f, groups, k)
     symbols = (idg.to(torch.int32) << spec.bits).bitwise_or_(codes.to(torch.int32))
     return pack_rows(symbols.reshape(out_f, in_f), spec.symbol_width), scale, offset
 
@@ -189,7 +187,7 @@ def _fit_best_start(
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = [torch.where(better, new, old) for new, old in zip(fit, best, strict=True)]
-    return _fit_mse(w, best[0], best[1], best[2], best[3], spec, FIT_ITERATIONS - trial)
+    return _fit_mse(w, *best, spec, FIT_ITERATIONS - trial)
 
 
 def _fit_mse(
