@@ -46,6 +46,7 @@ __all__ = [
     "available",
     "cache_dir",
     "cache_root",
+    "check_stored",
     "dequantize",
     "fit_mse",
     "fit_mse_starts",
@@ -255,6 +256,27 @@ def fit_mse_starts(
     if torch.compiler.is_compiling() or not available():
         return None
     return torch.ops.optimum_splitquant.fit_mse_starts.default(w, ids, offsets, scales, bits, trial, iters)
+
+
+def check_stored(
+    packed: list[torch.Tensor],
+    scale: list[torch.Tensor],
+    offset: list[torch.Tensor],
+    bits: list[int],
+    width: list[int],
+    num_clusters: list[int],
+    dtype: torch.dtype,
+) -> list[int] | None:
+    """Compiled check of several layers' stored CPU tensors (one entry per layer), or None (kernels unavailable).
+
+    One verdict per layer. 0: valid; 1: a range is bad (a scale or offset not finite, a negative
+    scale, or an extreme ``offset + (2**bits - 1) * scale`` not finite in float32 or ``dtype``); 2: a
+    symbol, row padding included, holds a cluster id ``>= num_clusters``. The verdicts of
+    ``validate()``'s torch path.
+    """
+    if torch.compiler.is_compiling() or not available():
+        return None
+    return torch.ops.optimum_splitquant.check_stored.default(packed, scale, offset, bits, width, num_clusters, dtype)
 
 
 def _require_loaded() -> None:

@@ -52,6 +52,8 @@ KMEANS_SOURCE = Path(__file__).with_name("kmeans_cpu.cpp")
 FIT_SOURCE = Path(__file__).with_name("fit_cpu.cpp")
 # And the layers of the k-means dynamic programme (core/kmeans/dp.py, many clusters).
 KMEANS_DP_SOURCE = Path(__file__).with_name("kmeans_dp_cpu.cpp")
+# And the load-time check of a layer's stored tensors (nn/compact.py's validate()).
+CHECK_SOURCE = Path(__file__).with_name("check_cpu.cpp")
 CACHE_ENV = "OPTIMUM_SPLITQUANT_CACHE"
 _TIMEOUT_S = 600
 _STALE_S = 2 * _TIMEOUT_S  # a build folder this old belongs to no running build
@@ -263,7 +265,7 @@ def _fsync_dir(folder: Path) -> None:
 
 def build_library() -> Path:
     """Path of the compiled library, building it first if this source/toolchain has no intact cached build."""
-    sources = (SOURCE, KMEANS_SOURCE, FIT_SOURCE, KMEANS_DP_SOURCE)
+    sources = (SOURCE, KMEANS_SOURCE, FIT_SOURCE, KMEANS_DP_SOURCE, CHECK_SOURCE)
     for path in sources:
         if not path.is_file():
             raise KernelBuildError(f"kernel source {path} is missing from the installation")

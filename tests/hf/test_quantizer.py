@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import re
@@ -22,6 +23,7 @@ from transformers.pytorch_utils import Conv1D
 import optimum_splitquant
 from optimum_splitquant import SplitQuantConfig, size_report
 from optimum_splitquant.checkpoint.format import METADATA_FORMAT_KEY, QUANTIZED_TENSORS
+from optimum_splitquant.hf.quantizer import LayerTensors, SplitQuantHfQuantizer
 
 HEADS = {"bert-base": "pooler.dense", "bert-seqcls": "classifier", "gpt2-lm": "lm_head", "llama-lm": "lm_head"}
 
@@ -123,6 +125,20 @@ def test_a_reloaded_checkpoint_saves_the_same_tensors(tiny_dirs, tmp_path, dtype
     assert quantized and set(first) == set(second)
     for key in quantized:
         assert first[key].dtype == second[key].dtype and torch.equal(first[key], second[key]), key
+
+
+def test_a_copied_layer_conversion_collects_on_its_own():
+    """transformers deep-copies the conversion per checkpoint key: copies share no mutable state."""
+    (template,) = SplitQuantHfQuantizer(SplitQuantConfig(bits=2), pre_quantized=True).get_weight_conversions()
+    first, second = copy.deepcopy(template), copy.deepcopy(template)
+    first.collected_tensors["weight_packed"].append("future")
+    first.layer_targets["a.weight_packed"].add("a.weight_packed")
+    for conv in (template, second):
+        assert not conv.collected_tensors and not conv.layer_targets
+    assert first.source_patterns == template.source_patterns and first.source_patterns is not template.source_patterns
+    assert first.compiled_sources.pattern == template.compiled_sources.pattern
+    assert [type(op) for op in first.operations] == [LayerTensors] and first.operations[0] is not template.operations[0]
+    assert first.operations is not template.operations
 
 
 @pytest.mark.parametrize("offload_buffers", [False, True])
