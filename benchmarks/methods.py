@@ -65,6 +65,7 @@ class Method:
     num_clusters: int = 3
     group_size: int | None = None
     fit: str = "minmax"  # SplitQuantConfig.fit (SplitQuant kinds only)
+    clustering: str = "tensor"  # SplitQuantConfig.clustering (SplitQuant kinds only)
 
     @property
     def slug(self) -> str:
@@ -136,6 +137,13 @@ FRONTIER_SPLITQUANT: tuple[tuple[int, int, int | None], ...] = (
 )
 
 
+#: Triples also run with one k-means per output row (``clustering="channel"``, fit="mse" only).
+FRONTIER_PER_ROW: tuple[tuple[int, int, int | None], ...] = (
+    (2, 4, None),  # 4.22 / 4.33
+    (2, 3, 192),  # 4.50
+)
+
+
 def expected_bits(bits: int, num_clusters: int, group_size: int | None, width: int) -> float:
     """SplitQuant's stored bits per weight on a layer ``width`` inputs wide: codes, cluster ids, and a float16
     scale and offset per (row or group, cluster)."""
@@ -164,12 +172,17 @@ def splitquant_grid(
     ]
 
 
-def splitquant_method(bits: int, num_clusters: int, group_size: int | None, fit: str) -> Method:
-    """A frontier SplitQuant method: ``plain INT4 k=1 g64 mse``, ``SplitQuant INT2 k=4 minmax``, ..."""
+def splitquant_method(
+    bits: int, num_clusters: int, group_size: int | None, fit: str, clustering: str = "tensor"
+) -> Method:
+    """A frontier SplitQuant method: ``plain INT4 k=1 g64 mse``, ``SplitQuant INT2 k=4 minmax``,
+    ``SplitQuant INT2 k=4 mse per-row`` (``clustering="channel"``: one k-means per output row), ..."""
     plain = num_clusters == 1
     name = f"{'plain' if plain else 'SplitQuant'} INT{bits} k={num_clusters}{f' g{group_size}' if group_size else ''} {fit}"
     family = f"plain {fit} (k=1)" if plain else f"SplitQuant {fit} (k>=2)"
-    return Method(name, family, "splitquant", bits, num_clusters, group_size, fit)
+    if clustering == "channel":
+        name, family = f"{name} per-row", f"SplitQuant {fit} per-row clusters (k>=2)"
+    return Method(name, family, "splitquant", bits, num_clusters, group_size, fit, clustering)
 
 
 def hqq_methods() -> list[Method]:
@@ -187,6 +200,7 @@ def frontier_methods(full: bool = False) -> list[Method]:
     methods = [Method("FP32", "FP32", "fp32"), Method("quanto qint4", "optimum-quanto", "quanto", 4)]
     methods += hqq_methods()
     methods += [splitquant_method(*t, fit) for t in triples for fit in SPLITQUANT_FITS]
+    methods += [splitquant_method(*t, "mse", "channel") for t in FRONTIER_PER_ROW]
     return methods
 
 
@@ -408,7 +422,11 @@ def apply_method(method: Method, load: Callable[[], nn.Module], workdir: Path) -
     start = time.perf_counter()
     if method.kind == "splitquant":
         config = SplitQuantConfig(
-            bits=method.bits, num_clusters=method.num_clusters, group_size=method.group_size, fit=method.fit
+            bits=method.bits,
+            num_clusters=method.num_clusters,
+            group_size=method.group_size,
+            fit=method.fit,
+            clustering=method.clustering,
         )
         quantize_model(model, config)
         seconds = time.perf_counter() - start

@@ -148,6 +148,15 @@ void fit_lines(const float* w, int64_t* ids, float* codes, T* offset, T* scale, 
   });
 }
 
+// Stored ranges as float (exact: every storage dtype widens to float).
+template <class T>
+inline void as_float(const T* off, const T* sca, float* of, float* sf, int64_t k) {
+  for (int64_t j = 0; j < k; ++j) {
+    of[j] = static_cast<float>(off[j]);
+    sf[j] = static_cast<float>(sca[j]);
+  }
+}
+
 // Several starting ranges per line (starts x lines x k): each start's codes are the nearest ones of
 // every weight in its own cluster, then `trial` rounds; the start with the least squared error
 // (double, summed in element order; the first on ties) gets the remaining `iters - trial` rounds.
@@ -161,6 +170,7 @@ void fit_lines_starts(const float* w, const int64_t* ids0, const T* offsets, con
     std::vector<int64_t> il(g);
     std::vector<float> cl(g);
     std::vector<T> ol(k), sl(k);
+    std::vector<float> of(k), sf(k);  // ol, sl as float, converted once per use rather than per weight
     for (int64_t l = l0; l < l1; ++l) {
       const float* wl = w + l * g;
       double best = 0.0;
@@ -170,15 +180,23 @@ void fit_lines_starts(const float* w, const int64_t* ids0, const T* offsets, con
         std::copy(o0, o0 + k, ol.begin());
         std::copy(s0, s0 + k, sl.begin());
         std::copy(ids0 + l * g, ids0 + (l + 1) * g, il.begin());
-        for (int64_t i = 0; i < g; ++i) {
-          const float o = static_cast<float>(ol[il[i]]), s = static_cast<float>(sl[il[i]]);
-          cl[i] = nearest_code((s > 0 ? 1.0f : 0.0f) * ((wl[i] - o) / (s > 0 ? s : 1.0f)), top);
+        as_float(ol.data(), sl.data(), of.data(), sf.data(), k);
+        if (k == 1) {  // one range: the same arithmetic without the per-weight look-up (vectorizes)
+          const float o = of[0], s = sf[0];
+          const float ok = s > 0 ? 1.0f : 0.0f, div = s > 0 ? s : 1.0f;
+          for (int64_t i = 0; i < g; ++i) cl[i] = nearest_code(ok * ((wl[i] - o) / div), top);
+        } else {
+          for (int64_t i = 0; i < g; ++i) {
+            const float o = of[il[i]], s = sf[il[i]];
+            cl[i] = nearest_code((s > 0 ? 1.0f : 0.0f) * ((wl[i] - o) / (s > 0 ? s : 1.0f)), top);
+          }
         }
         fit_rounds(wl, il.data(), cl.data(), ol.data(), sl.data(), g, k, top, trial, t, overflow);
+        as_float(ol.data(), sl.data(), of.data(), sf.data(), k);
         double err = 0.0;
         for (int64_t i = 0; i < g; ++i) {
-          const float o = static_cast<float>(ol[il[i]]), s = static_cast<float>(sl[il[i]]);
-          const double d = static_cast<double>(wl[i] - (o + cl[i] * s));
+          const int64_t j = k == 1 ? 0 : il[i];
+          const double d = static_cast<double>(wl[i] - (of[j] + cl[i] * sf[j]));
           err += d * d;
         }
         if (st == 0 || err < best) {

@@ -120,7 +120,10 @@ def test_frontier_grid_stays_in_range_and_small():
     frontier = methods.frontier_methods()
     sq = [m for m in frontier if m.kind == "splitquant"]
     hqq = [m for m in frontier if m.kind == "hqq"]
-    assert len(sq) <= 46 and {m.fit for m in sq} == {"minmax", "mse"}
+    assert len(sq) <= 48 and {m.fit for m in sq} == {"minmax", "mse"}
+    per_row = [m for m in sq if m.clustering == "channel"]
+    assert len(per_row) == len(methods.FRONTIER_PER_ROW) and all(m.name.endswith(" mse per-row") for m in per_row)
+    assert all(m.num_clusters >= 2 and m.fit == "mse" for m in per_row)
     for m in sq:
         for width in (576, 384):
             assert 3 <= methods.expected_bits(m.bits, m.num_clusters, m.group_size, width) <= 6.5
