@@ -59,6 +59,8 @@ def pack_rows(symbols: torch.Tensor, width: int) -> torch.Tensor:
         parts = sym.view(rows, padded // per_byte, per_byte)
         shifts = torch.arange(per_byte, dtype=torch.int32, device=sym.device) * width
         return (parts << shifts).sum(-1, dtype=torch.int32).to(torch.uint8)
+    if width < 8 and sys.byteorder == "little":
+        return _pack_words(sym, width)
     groups = sym.view(rows, padded // 8, 8, 1)
     bit_index = torch.arange(width, dtype=torch.int32, device=sym.device)
     bits = (groups >> bit_index) & 1  # (rows, groups, 8 symbols, width bits)
@@ -91,6 +93,16 @@ def unpack_rows(packed: torch.Tensor, width: int, n: int) -> torch.Tensor:
     bits = bits.reshape(rows, nbytes // width, 8, width)
     sym = (bits << torch.arange(width, dtype=torch.int32, device=packed.device)).sum(-1)
     return sym.reshape(rows, (nbytes // width) * 8)[:, :n].long()  # explicit size: rows may be 0
+
+
+def _pack_words(sym: torch.Tensor, width: int) -> torch.Tensor:
+    """Widths below 8: each run of eight symbols becomes one int64 word (symbol ``s`` at bits
+    ``[s * width, (s + 1) * width)``), whose low ``width`` bytes are the run's packed bytes."""
+    rows, padded = sym.shape
+    runs = padded // 8
+    shifts = torch.arange(8, dtype=torch.int64, device=sym.device) * width
+    words = (sym.view(rows, runs, 8).to(torch.int64) << shifts).sum(-1)  # disjoint fields: the sum is an OR
+    return words.view(torch.uint8).view(rows, runs, 8)[:, :, :width].reshape(rows, runs * width)
 
 
 def _unpack_words(packed: torch.Tensor, width: int, n: int) -> torch.Tensor:

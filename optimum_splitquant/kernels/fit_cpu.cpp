@@ -31,14 +31,10 @@
 
 namespace {
 
-template <class T>
-inline float stored(double v) {
-  return static_cast<float>(T(static_cast<float>(v)));
-}
-
 // Nearest code of `steps` in [0, top], ties to even: torch's round() then clamp(0, top). Clamped to
 // [-1, top + 1] first (the same result after the final clamp), where adding and subtracting 1.5 * 2^23
-// rounds to an integer in float arithmetic (round-to-nearest-even mode); inline, so the loops vectorize.
+// rounds to an integer in float arithmetic (round-to-nearest-even mode). (GCC keeps the clamps as
+// branches under its default trapping math, so the loops calling it run scalar.)
 inline float nearest_code(float steps, float top) {
   const float magic = 12582912.0f;  // 1.5 * 2^23
   const float bounded = std::min(std::max(steps, -1.0f), top + 1.0f);
@@ -46,8 +42,23 @@ inline float nearest_code(float steps, float top) {
   return std::min(std::max(rounded, 0.0f), top);
 }
 
-// Every weight of a line to its nearest level over the k clusters, cluster by cluster (vectorizable
-// loops; the strict `<` keeps the lowest j on ties). The cluster goes to bj as a float.
+// Nearest codes of a line with one range (k == 1), as assign_line computes them.
+inline void codes_line(const float* __restrict wl, float* __restrict cl, int64_t g, float o, float s, float top) {
+  const float ok = s > 0 ? 1.0f : 0.0f, div = s > 0 ? s : 1.0f;
+  for (int64_t i = 0; i < g; ++i) cl[i] = nearest_code(ok * ((wl[i] - o) / div), top);
+}
+
+// Nearest codes of a line in each weight's own cluster (k > 1).
+void own_cluster_codes(const float* __restrict wl, const int64_t* __restrict il, float* __restrict cl,
+                       int64_t g, const float* of, const float* sf, float top) {
+  for (int64_t i = 0; i < g; ++i) {
+    const float o = of[il[i]], s = sf[il[i]];
+    cl[i] = nearest_code((s > 0 ? 1.0f : 0.0f) * ((wl[i] - o) / (s > 0 ? s : 1.0f)), top);
+  }
+}
+
+// Every weight of a line to its nearest level over the k clusters, cluster by cluster (selects as
+// arithmetic; the strict `<` keeps the lowest j on ties). The cluster goes to bj as a float.
 void assign_line(const float* __restrict wl, float* __restrict cl, float* __restrict be, float* __restrict bj,
                  int64_t g, const float* off, const float* sca, int64_t k, float top) {
   for (int64_t j = 0; j < k; ++j) {
@@ -69,7 +80,7 @@ void assign_line(const float* __restrict wl, float* __restrict cl, float* __rest
       const float x = wl[i];
       const float code = nearest_code(ok * ((x - o) / div), top);
       const float err = std::fabs(x - (o + code * s));
-      // Selects as arithmetic (exact: codes and cluster numbers are small integers), which vectorizes.
+      // Selects as arithmetic (exact: codes and cluster numbers are small integers), not a branch.
       const float better = err < be[i] ? 1.0f : 0.0f;
       be[i] = std::min(be[i], err);
       cl[i] += better * (code - cl[i]);
@@ -125,11 +136,16 @@ void fit_rounds(const float* wl, int64_t* il, float* cl, T* ol, T* sl, int64_t g
       s = s > 0 ? s : 0.0;
       const double o = t.n[j] > 0 ? (t.sw[j] - s * t.sc[j]) / std::max(t.n[j], 1.0)
                                   : static_cast<double>(static_cast<float>(ol[j]));
-      t.sca[j] = stored<T>(s);
-      t.off[j] = stored<T>(o);
+      const T sv(static_cast<float>(s)), ov(static_cast<float>(o));  // rounded as torch's double -> T copy
+      sl[j] = sv;
+      ol[j] = ov;
+      t.sca[j] = static_cast<float>(sv);
+      t.off[j] = static_cast<float>(ov);
       if (!std::isfinite(t.sca[j]) || !std::isfinite(t.off[j])) overflow = true;
-      sl[j] = T(t.sca[j]);
-      ol[j] = T(t.off[j]);
+    }
+    if (k == 1) {  // one range: every weight keeps cluster 0, only its code moves
+      codes_line(wl, cl, g, t.off[0], t.sca[0], top);
+      continue;
     }
     assign_line(wl, cl, t.best_err.data(), t.best_j.data(), g, t.off.data(), t.sca.data(), k, top);
     for (int64_t i = 0; i < g; ++i) il[i] = static_cast<int64_t>(t.best_j[i]);
@@ -181,15 +197,10 @@ void fit_lines_starts(const float* w, const int64_t* ids0, const T* offsets, con
         std::copy(s0, s0 + k, sl.begin());
         std::copy(ids0 + l * g, ids0 + (l + 1) * g, il.begin());
         as_float(ol.data(), sl.data(), of.data(), sf.data(), k);
-        if (k == 1) {  // one range: the same arithmetic without the per-weight look-up (vectorizes)
-          const float o = of[0], s = sf[0];
-          const float ok = s > 0 ? 1.0f : 0.0f, div = s > 0 ? s : 1.0f;
-          for (int64_t i = 0; i < g; ++i) cl[i] = nearest_code(ok * ((wl[i] - o) / div), top);
+        if (k == 1) {  // one range: the same arithmetic without the per-weight look-up
+          codes_line(wl, cl.data(), g, of[0], sf[0], top);
         } else {
-          for (int64_t i = 0; i < g; ++i) {
-            const float o = of[il[i]], s = sf[il[i]];
-            cl[i] = nearest_code((s > 0 ? 1.0f : 0.0f) * ((wl[i] - o) / (s > 0 ? s : 1.0f)), top);
-          }
+          own_cluster_codes(wl, il.data(), cl.data(), g, of.data(), sf.data(), top);
         }
         fit_rounds(wl, il.data(), cl.data(), ol.data(), sl.data(), g, k, top, trial, t, overflow);
         as_float(ol.data(), sl.data(), of.data(), sf.data(), k);
