@@ -207,15 +207,6 @@ def _fit_mse(
     levels, in any cluster (nor can it grow there). A slot left without members keeps its range.
     Returns ``(ids, codes, offset, scale)``; the codes are the nearest ones under the stored ranges.
     """
-    if w.device.type == "cpu":
-        from .. import kernels  # optional compiled ops (a leaf: torch only)
-
-        try:
-            fitted = kernels.fit_mse(w, ids, codes, offset, scale, spec.bits, iterations)
-        except RuntimeError as exc:  # the only failure of valid inputs: a range past the storage dtype
-            raise ValueError(_overflow_message(spec)) from exc
-        if fitted is not None:
-            return fitted
     lines, k = offset.shape
     line_base = torch.arange(lines, device=w.device).unsqueeze(1) * k
     wd = w.to(torch.float64).view(-1)

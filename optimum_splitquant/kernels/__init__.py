@@ -48,7 +48,6 @@ __all__ = [
     "cache_root",
     "check_stored",
     "dequantize",
-    "fit_mse",
     "fit_mse_starts",
     "kmeans_binned",
     "kmeans_dp",
@@ -217,26 +216,6 @@ def kmeans_dp(ps: torch.Tensor, pq: torch.Tensor, k: int) -> torch.Tensor | None
     return torch.ops.optimum_splitquant.kmeans_dp.default(ps, pq, k)
 
 
-def fit_mse(
-    w: torch.Tensor,
-    ids: torch.Tensor,
-    codes: torch.Tensor,
-    offset: torch.Tensor,
-    scale: torch.Tensor,
-    bits: int,
-    iters: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """Compiled least-squares range fitting of ``(lines, g)`` float32 weights, or None (kernels unavailable).
-
-    ``ids`` (int64) and ``codes`` (float32) have ``w``'s shape, ``offset`` / ``scale`` are ``(lines, k)``
-    in the storage dtype. Returns new ``(ids, codes, offset, scale)`` after ``iters`` rounds, the same
-    bits as ``core.quantize``'s pure-torch rounds; raises ``RuntimeError`` if a range overflows the dtype.
-    """
-    if torch.compiler.is_compiling() or not available():
-        return None
-    return torch.ops.optimum_splitquant.fit_mse.default(w, ids, codes, offset, scale, bits, iters)
-
-
 def fit_mse_starts(
     w: torch.Tensor,
     ids: torch.Tensor,
@@ -246,9 +225,11 @@ def fit_mse_starts(
     trial: int,
     iters: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """Compiled :func:`fit_mse` from several starting ranges per line, or None (kernels unavailable).
+    """Compiled least-squares range fitting from several starting ranges per line, or None (kernels unavailable).
 
-    ``offsets`` / ``scales`` are ``(starts, lines, k)`` in the storage dtype. Every start gets nearest
+    ``w``: float32 ``(lines, g)`` weights; ``ids``: their int64 cluster ids; ``offsets`` / ``scales``:
+    ``(starts, lines, k)`` in the storage dtype. Returns ``(ids, codes, offset, scale)``; raises
+    ``RuntimeError`` if a range overflows the storage dtype. Every start gets nearest
     codes in each weight's own cluster and ``trial`` rounds; each line keeps its start with the least
     squared error (double, summed in element order, the first on ties), refitted for ``iters - trial``
     more rounds. The same bits as ``core.quantize``'s pure-torch search.

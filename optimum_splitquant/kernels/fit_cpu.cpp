@@ -152,18 +152,6 @@ void fit_rounds(const float* wl, int64_t* il, float* cl, T* ol, T* sl, int64_t g
   }
 }
 
-template <class T>
-void fit_lines(const float* w, int64_t* ids, float* codes, T* offset, T* scale, int64_t lines, int64_t g, int64_t k,
-               int64_t levels, int64_t iters, std::atomic<bool>& overflow) {
-  const float top = static_cast<float>(levels - 1);
-  at::parallel_for(0, lines, std::max<int64_t>(1, 16384 / std::max<int64_t>(g, 1)), [&](int64_t l0, int64_t l1) {
-    Scratch t(k, g);
-    for (int64_t l = l0; l < l1; ++l) {
-      fit_rounds(w + l * g, ids + l * g, codes + l * g, offset + l * k, scale + l * k, g, k, top, iters, t, overflow);
-    }
-  });
-}
-
 // Stored ranges as float (exact: every storage dtype widens to float).
 template <class T>
 inline void as_float(const T* off, const T* sca, float* of, float* sf, int64_t k) {
@@ -223,55 +211,6 @@ void fit_lines_starts(const float* w, const int64_t* ids0, const T* offsets, con
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fit_mse_cpu(const at::Tensor& w, const at::Tensor& ids,
-                                                                       const at::Tensor& codes,
-                                                                       const at::Tensor& offset,
-                                                                       const at::Tensor& scale, int64_t bits,
-                                                                       int64_t iters) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat, "w must be a float32 (lines, g) tensor");
-  TORCH_CHECK(ids.sizes() == w.sizes() && ids.scalar_type() == at::kLong, "ids must be int64 of w's shape");
-  TORCH_CHECK(codes.sizes() == w.sizes() && codes.scalar_type() == at::kFloat, "codes must be float32 of w's shape");
-  TORCH_CHECK(offset.dim() == 2 && offset.size(0) == w.size(0) && scale.sizes() == offset.sizes(),
-              "offset and scale must be (lines, k)");
-  TORCH_CHECK(offset.scalar_type() == scale.scalar_type(), "offset and scale must share a dtype");
-  TORCH_CHECK(bits >= 1 && bits <= 16 && iters >= 0, "bad bits or iters");
-  const int64_t lines = w.size(0), g = w.size(1), k = offset.size(1);
-  const at::Tensor wc = w.contiguous();
-  at::Tensor ids_out = ids.contiguous().clone();
-  at::Tensor codes_out = codes.contiguous().clone();
-  at::Tensor off_out = offset.contiguous().clone();
-  at::Tensor scale_out = scale.contiguous().clone();
-  // The loop reads each member's cluster id as an index: refuse out-of-range ids before touching memory.
-  if (ids_out.numel()) {
-    const auto mm = ids_out.aminmax();
-    TORCH_CHECK(std::get<0>(mm).item<int64_t>() >= 0 && std::get<1>(mm).item<int64_t>() < k, "ids out of range");
-  }
-  std::atomic<bool> overflow{false};
-  const int64_t levels = int64_t{1} << bits;
-  if (lines && g && k) {
-    switch (offset.scalar_type()) {
-      case at::kHalf:
-        fit_lines(wc.data_ptr<float>(), ids_out.data_ptr<int64_t>(), codes_out.data_ptr<float>(),
-                  off_out.data_ptr<c10::Half>(), scale_out.data_ptr<c10::Half>(), lines, g, k, levels, iters, overflow);
-        break;
-      case at::kBFloat16:
-        fit_lines(wc.data_ptr<float>(), ids_out.data_ptr<int64_t>(), codes_out.data_ptr<float>(),
-                  off_out.data_ptr<c10::BFloat16>(), scale_out.data_ptr<c10::BFloat16>(), lines, g, k, levels, iters,
-                  overflow);
-        break;
-      case at::kFloat:
-        fit_lines(wc.data_ptr<float>(), ids_out.data_ptr<int64_t>(), codes_out.data_ptr<float>(),
-                  off_out.data_ptr<float>(), scale_out.data_ptr<float>(), lines, g, k, levels, iters, overflow);
-        break;
-      default:
-        TORCH_CHECK(false, "offset and scale must be float16, bfloat16 or float32");
-    }
-  }
-  TORCH_CHECK(!overflow, "fitted ranges overflow the storage dtype");
-  return {ids_out, codes_out, off_out, scale_out};
-}
-
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fit_mse_starts_cpu(const at::Tensor& w, const at::Tensor& ids,
                                                                               const at::Tensor& offsets,
                                                                               const at::Tensor& scales, int64_t bits,
@@ -327,13 +266,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fit_mse_starts_cpu(co
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(optimum_splitquant, m) {
-  m.def("fit_mse(Tensor w, Tensor ids, Tensor codes, Tensor offset, Tensor scale, int bits, int iters) -> "
-        "(Tensor, Tensor, Tensor, Tensor)");
   m.def("fit_mse_starts(Tensor w, Tensor ids, Tensor offsets, Tensor scales, int bits, int trial, int iters) -> "
         "(Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(optimum_splitquant, CPU, m) {
-  m.impl("fit_mse", &fit_mse_cpu);
   m.impl("fit_mse_starts", &fit_mse_starts_cpu);
 }
