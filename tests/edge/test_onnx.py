@@ -220,6 +220,7 @@ def _report(capsys, scores, what):
         print()
 
 
+@pytest.mark.slow  # ~40 s (two MiniLM ONNX exports); the tiny-model parity tests run by default
 def test_minilm_per_tensor_int8_weight_split_vs_unsplit(minilm_setup, tmp_path, capsys):
     """Real MiniLM, real SMS texts, ONNX Runtime dynamic INT8 with per-tensor weight scales (numbers printed)."""
     fp32, batch, evaluation, ref = minilm_setup

@@ -61,7 +61,11 @@ def test_gpt2_conv1d_layers_are_quantized(tiny_dirs):
     assert isinstance(twin.transformer.h[0].attn.c_attn, Conv1D)
 
 
-@pytest.mark.parametrize("name", ["bert-seqcls", "gpt2-lm", "llama-lm"])
+# A fresh process costs ~9 s here; the in-process reload tests cover every architecture by default.
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param("bert-seqcls", marks=pytest.mark.slow), pytest.param("gpt2-lm", marks=pytest.mark.slow), "llama-lm"],
+)
 def test_save_reload_in_fresh_process_bit_identical(name, tiny_dirs, sample_inputs, tmp_path):
     model = load(name, tiny_dirs[name], quantization_config=SplitQuantConfig(bits=3, group_size=16))
     expected = run(model, sample_inputs)
