@@ -22,9 +22,7 @@ from torch import nn
 import optimum_splitquant as osq
 from optimum_splitquant import SplitQuantConfig
 from optimum_splitquant.core import QuantSpec
-from optimum_splitquant.core.packing import pack_rows, packed_row_bytes, unpack_rows
 from optimum_splitquant.nn import SplitQuantLinear
-from optimum_splitquant.nn.compact import ids_in_range
 
 NAME = "bert-seqcls"
 
@@ -95,33 +93,6 @@ def test_cluster_id_in_the_padding_of_a_row():
         layer.weight_packed[1, 7] |= 0xC0  # width 4: byte 7 holds symbols 14 and 15 (padding); id 3 in 15
     with pytest.raises(ValueError, match=r"weight_packed holds cluster id 3 in the padding after a row's last weight"):
         layer.validate()
-
-
-@pytest.mark.parametrize(
-    ("bits", "k"), [(2, 3), (2, 5), (3, 3), (3, 6), (4, 3), (4, 12), (8, 3), (8, 6), (8, 11)], ids=lambda v: str(v)
-)
-def test_vectorised_id_check_agrees_with_decoding_every_symbol(bits, k):
-    """The word-wise range check gives the verdict of a full decode, for every packed width it handles."""
-    spec = QuantSpec(bits, k)
-    width = spec.symbol_width
-    gen = torch.Generator().manual_seed(16 * bits + k)
-    verdicts = []
-    for n in (5, 8, 13, 40):
-        count = packed_row_bytes(n, width) * 8 // width  # padding included
-        for trial in range(24):
-            ids = torch.randint(0, k, (3, count), generator=gen)
-            if trial % 2:  # one symbol anywhere gets any id pattern
-                ids[trial % 3, trial % count] = int(torch.randint(0, 1 << spec.id_bits, (1,), generator=gen))
-            codes = torch.randint(0, spec.levels, (3, count), generator=gen)
-            packed = pack_rows(ids << bits | codes, width)
-            if trial % 6 == 5:
-                packed = torch.randint(0, 256, packed.shape, generator=gen, dtype=torch.uint8)
-            expected = int((unpack_rows(packed, width, count) >> bits).max()) < k
-            assert ids_in_range(packed, spec) == expected, (n, trial)
-            unaligned = torch.cat([torch.zeros(3, dtype=torch.uint8), packed.flatten()])[3:].view(packed.shape)
-            assert ids_in_range(unaligned, spec) == expected, (n, trial)  # a view 3 bytes into its storage
-            verdicts.append(expected)
-    assert any(verdicts) and not all(verdicts)
 
 
 def _fill_ranges(value: float):

@@ -14,7 +14,7 @@ from optimum_splitquant.core.packing import pack_rows, packed_row_bytes, unpack_
 from optimum_splitquant.nn import SplitQuantLinear
 from optimum_splitquant.nn.compact import ids_in_range, validate_layers
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="compiled kernels unavailable")
+compiled = pytest.mark.skipif(not kernels.available(), reason="compiled kernels unavailable")
 
 OK, BAD_RANGE, BAD_ID = 0, 1, 2
 
@@ -33,6 +33,7 @@ ID_CASES += [(2, 4), (3, 1)]
 
 @pytest.mark.parametrize(("bits", "k"), ID_CASES, ids=str)
 def test_id_verdicts_match_a_decode_of_every_symbol(bits, k):
+    """The word-wise checks (torch, and compiled where the kernels build) give a full decode's verdict."""
     spec = QuantSpec(bits, k)
     width = spec.symbol_width
     gen = torch.Generator().manual_seed(16 * bits + k)
@@ -49,8 +50,12 @@ def test_id_verdicts_match_a_decode_of_every_symbol(bits, k):
             if trial % 6 == 5:
                 packed = torch.randint(0, 256, packed.shape, generator=gen, dtype=torch.uint8)
             valid = int((unpack_rows(packed, width, count) >> bits).max()) < k
-            assert check(packed, scale, offset, spec) == (OK if valid else BAD_ID), (n, trial)
-            assert ids_in_range(packed, spec) == valid
+            assert ids_in_range(packed, spec) == valid, (n, trial)
+            unaligned = torch.cat([torch.zeros(3, dtype=torch.uint8), packed.flatten()])[3:].view(packed.shape)
+            assert ids_in_range(unaligned, spec) == valid, (n, trial)  # a view 3 bytes into its storage
+            if kernels.available():
+                assert check(packed, scale, offset, spec) == (OK if valid else BAD_ID), (n, trial)
+                assert check(unaligned, scale, offset, spec) == (OK if valid else BAD_ID), (n, trial)
             verdicts.append(valid)
     assert any(verdicts) and (k == 1 << spec.id_bits or not all(verdicts))
 
@@ -76,6 +81,7 @@ RANGE_EDITS = {
 }
 
 
+@compiled
 @pytest.mark.parametrize("edit", list(RANGE_EDITS), ids=str)
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -91,6 +97,7 @@ def test_range_verdicts_match_the_torch_path(edit, scale_dtype, dtype):
         assert expected == BAD_RANGE
 
 
+@compiled
 def test_every_verdict_is_reached():
     """The edits above reach each outcome of the check, in both stored and compute dtypes."""
     layer = _layer(torch.float16)
@@ -106,7 +113,7 @@ def test_every_verdict_is_reached():
     assert check(layer.weight_packed, layer.weight_scale, layer.weight_offset, layer.spec) == BAD_ID
 
 
-@pytest.mark.parametrize("kernels_on", [True, False], ids=["compiled", "torch"])
+@pytest.mark.parametrize("kernels_on", [pytest.param(True, marks=compiled), False], ids=["compiled", "torch"])
 def test_validate_names_the_same_problem_on_both_paths(monkeypatch, kernels_on):
     if not kernels_on:
         monkeypatch.setenv(kernels.ENV_VAR, "off")
@@ -130,6 +137,7 @@ def test_validate_names_the_same_problem_on_both_paths(monkeypatch, kernels_on):
         layer.validate()
 
 
+@compiled
 def test_refuses_bad_arguments():
     layer = _layer(torch.float16)
     packed, scale, offset = layer.weight_packed, layer.weight_scale, layer.weight_offset
@@ -143,6 +151,7 @@ def test_refuses_bad_arguments():
         kernels.check_stored([packed, packed], [scale], [offset], [2], [4], [3], torch.float32)
 
 
+@compiled
 def test_one_call_gives_each_layer_its_verdict():
     """Many layers in one call (checked in parallel): each verdict belongs to its own layer."""
     layers = [_layer(torch.float16, bits=2 + i % 3) for i in range(12)]
