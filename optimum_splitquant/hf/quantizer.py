@@ -335,6 +335,7 @@ class LayerConverter(WeightConverter):
 
     def __deepcopy__(self, memo: dict[int, Any]) -> LayerConverter:
         new = object.__new__(type(self))
+        memo[id(self)] = new
         for name in _slot_names(type(self)):
             try:
                 value = getattr(self, name)
