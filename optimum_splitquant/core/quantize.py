@@ -199,7 +199,7 @@ def _fit_mse(
     spec: QuantSpec,
     iterations: int = FIT_ITERATIONS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Least-squares ranges for ``lines`` of weights ``w`` (one line per (row, group)), from min-max ones.
+    """Least-squares ranges for ``lines`` of weights ``w`` (one line per (row, group)), from the given ones.
 
     Each (line, cluster) holds the levels ``offset + code * scale``. A round refits every slot's
     offset and scale to its members by least squares (the squared error cannot grow), rounds them

@@ -228,11 +228,11 @@ def fit_mse_starts(
     """Compiled least-squares range fitting from several starting ranges per line, or None (kernels unavailable).
 
     ``w``: float32 ``(lines, g)`` weights; ``ids``: their int64 cluster ids; ``offsets`` / ``scales``:
-    ``(starts, lines, k)`` in the storage dtype. Returns ``(ids, codes, offset, scale)``; raises
-    ``RuntimeError`` if a range overflows the storage dtype. Every start gets nearest
-    codes in each weight's own cluster and ``trial`` rounds; each line keeps its start with the least
-    squared error (double, summed in element order, the first on ties), refitted for ``iters - trial``
-    more rounds. The same bits as ``core.quantize``'s pure-torch search.
+    ``(starts, lines, k)`` in the storage dtype. Every start gets nearest codes in each weight's own
+    cluster and ``trial`` rounds; each line keeps its start with the least squared error (double,
+    summed in element order, the first on ties), refitted for ``iters - trial`` more rounds. Returns
+    ``(ids, codes, offset, scale)``, the same bits as ``core.quantize``'s pure-torch search; raises
+    ``RuntimeError`` if a range overflows the storage dtype.
     """
     if torch.compiler.is_compiling() or not available():
         return None

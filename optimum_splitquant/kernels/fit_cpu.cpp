@@ -101,11 +101,6 @@ template <class T>
 void fit_rounds(const float* wl, int64_t* il, float* cl, T* ol, T* sl, int64_t g, int64_t k, float top, int64_t iters,
                 Scratch& t, std::atomic<bool>& overflow) {
   for (int64_t it = 0; it < iters; ++it) {
-    std::fill(t.n.begin(), t.n.end(), 0.0);
-    std::fill(t.sc.begin(), t.sc.end(), 0.0);
-    std::fill(t.sw.begin(), t.sw.end(), 0.0);
-    std::fill(t.scc.begin(), t.scc.end(), 0.0);
-    std::fill(t.scw.begin(), t.scw.end(), 0.0);
     if (k == 1) {  // one slot: the same sums in the same order, without the indexing
       double n0 = 0.0, sc0 = 0.0, sw0 = 0.0, scc0 = 0.0, scw0 = 0.0;
       for (int64_t i = 0; i < g; ++i) {
@@ -119,6 +114,11 @@ void fit_rounds(const float* wl, int64_t* il, float* cl, T* ol, T* sl, int64_t g
       }
       t.n[0] = n0, t.sc[0] = sc0, t.sw[0] = sw0, t.scc[0] = scc0, t.scw[0] = scw0;
     } else {
+      std::fill(t.n.begin(), t.n.end(), 0.0);
+      std::fill(t.sc.begin(), t.sc.end(), 0.0);
+      std::fill(t.sw.begin(), t.sw.end(), 0.0);
+      std::fill(t.scc.begin(), t.scc.end(), 0.0);
+      std::fill(t.scw.begin(), t.scw.end(), 0.0);
       for (int64_t i = 0; i < g; ++i) {
         const int64_t j = il[i];
         const double c = static_cast<double>(cl[i]);
