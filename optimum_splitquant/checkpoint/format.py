@@ -1,4 +1,4 @@
-"""SplitQuant's stored format, version 1: the one place that names and shapes the stored tensors.
+"""SplitQuant's stored format, versions 1 and 2: the one place that names and shapes the stored tensors.
 
 For every quantized layer ``L`` whose weight is seen as a matrix of ``rows`` output channels by
 ``width`` input weights (``k = num_clusters``, ``G = width / group_size`` or 1,
@@ -12,6 +12,21 @@ name                   dtype                   shape                            
 ``L.weight_offset``    ``scale_dtype`` (fp16)  ``(rows, G, k)``                    minimum of each (row, group, cluster)
 ``L.bias``             float                   ``(rows,)``                         kept in float, only if the layer has one
 =====================  ======================  ==================================  =====================================
+
+Version 2 adds coded ranges (``range_bits`` set, :mod:`optimum_splitquant.core.ranges`): instead
+of ``weight_scale`` and ``weight_offset`` a layer stores (``lines = rows * G``, ``B = range_block``,
+``r = range_bits``)
+
+==========================  ======================  ==================================  ================================
+name                        dtype                   shape                               content
+==========================  ======================  ==================================  ================================
+``L.weight_range_codes``    ``uint8``               ``(ceil(2 * lines * k / 8) * r,)``  scale codes, then offset codes
+``L.weight_range_steps``    ``scale_dtype`` (fp16)  ``(ceil(lines / B), 2, k)``         scale and offset step per block
+==========================  ======================  ==================================  ================================
+
+and the scales and offsets are rebuilt from them on load (kept in memory as ``weight_scale`` and
+``weight_offset``, not saved). A checkpoint without coded ranges is written as version 1, which
+every release reads.
 
 The bit layout of ``weight_packed`` is documented in :mod:`optimum_splitquant.core.packing`; the
 dequantized weight is ``offset[row, group, id] + code * scale[row, group, id]``
@@ -27,10 +42,12 @@ from dataclasses import dataclass
 import torch
 
 from ..core.packing import packed_row_bytes
+from ..core.ranges import range_codes_bytes
 from ..core.spec import QuantSpec
 
 __all__ = [
     "BIAS",
+    "CODED_TENSORS",
     "FORMAT_VERSION",
     "METADATA_FORMAT_KEY",
     "METADATA_SAVE_ID_KEY",
@@ -38,21 +55,30 @@ __all__ = [
     "OFFSET",
     "PACKED",
     "QUANTIZED_TENSORS",
+    "RANGE_CODES",
+    "RANGE_STEPS",
     "SCALE",
     "SCALE_FILE_DTYPES",
     "TensorLayout",
+    "format_version",
     "layer_tensors",
+    "stored_tensors",
 ]
 
-FORMAT_VERSION = 1
-"""The format this release writes, and the newest it reads."""
+FORMAT_VERSION = 2
+"""The newest format this release reads and writes (it writes 1 when no layer codes its ranges)."""
 
 PACKED = "weight_packed"
 SCALE = "weight_scale"
 OFFSET = "weight_offset"
 BIAS = "bias"
+RANGE_CODES = "weight_range_codes"
+RANGE_STEPS = "weight_range_steps"
 QUANTIZED_TENSORS = (PACKED, SCALE, OFFSET)
-"""The tensors that hold one layer's quantized weight (the bias is a plain float parameter)."""
+"""The tensors one quantized layer computes with (the bias is a plain float parameter); all stored
+unless the ranges are coded (then the scales and offsets are rebuilt from :data:`CODED_TENSORS`)."""
+CODED_TENSORS = (RANGE_CODES, RANGE_STEPS)
+"""The stored tensors of coded ranges (format 2)."""
 
 METADATA_FORMAT_KEY = "splitquant_format_version"
 METADATA_SAVE_ID_KEY = "splitquant_save_id"
@@ -70,18 +96,32 @@ class TensorLayout:
     file_dtypes: tuple[str, ...]
 
 
+def format_version(spec: QuantSpec) -> int:
+    """The oldest format that stores layers of ``spec``: 2 with coded ranges, else 1."""
+    return 1 if spec.range_bits is None else 2
+
+
+def stored_tensors(spec: QuantSpec) -> tuple[str, ...]:
+    """Names of the quantized tensors a layer of ``spec`` saves (without the bias)."""
+    return QUANTIZED_TENSORS if spec.range_bits is None else (PACKED, *CODED_TENSORS)
+
+
 def layer_tensors(rows: int, width: int, spec: QuantSpec, *, bias: bool) -> dict[str, TensorLayout]:
     """The tensors one quantized layer stores, by name (without the module prefix).
 
     Raises ``ValueError`` when ``spec.group_size`` does not divide ``width``.
     """
-    ranges = (rows, spec.num_groups(width), spec.num_clusters)
+    groups = spec.num_groups(width)
+    ranges = (rows, groups, spec.num_clusters)
     floats = tuple(SCALE_FILE_DTYPES)
-    tensors = {
-        PACKED: TensorLayout((rows, packed_row_bytes(width, spec.symbol_width)), ("U8",)),
-        SCALE: TensorLayout(ranges, floats),
-        OFFSET: TensorLayout(ranges, floats),
-    }
+    tensors = {PACKED: TensorLayout((rows, packed_row_bytes(width, spec.symbol_width)), ("U8",))}
+    if spec.range_bits is None:
+        tensors[SCALE] = TensorLayout(ranges, floats)
+        tensors[OFFSET] = TensorLayout(ranges, floats)
+    else:
+        lines, k = rows * groups, spec.num_clusters
+        tensors[RANGE_CODES] = TensorLayout((range_codes_bytes(lines, k, spec.range_bits),), ("U8",))
+        tensors[RANGE_STEPS] = TensorLayout((-(-lines // spec.range_block), 2, k), floats)
     if bias:
         tensors[BIAS] = TensorLayout((rows,), floats)
     return tensors

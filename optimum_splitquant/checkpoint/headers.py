@@ -18,12 +18,14 @@ from typing import Any
 from safetensors import safe_open
 
 from .format import (
+    CODED_TENSORS,
     METADATA_FORMAT_KEY,
     METADATA_SAVE_ID_KEY,
     METADATA_SETTINGS_KEY,
     OFFSET,
     PACKED,
     QUANTIZED_TENSORS,
+    RANGE_STEPS,
     SCALE,
     SCALE_FILE_DTYPES,
     TensorLayout,
@@ -88,7 +90,7 @@ class CheckpointIndex:
             new = rename(key)
             other = index.tensors.get(new)
             if other is not None:
-                if new.endswith(tuple(f".{t}" for t in QUANTIZED_TENSORS)):
+                if new.endswith(tuple(f".{t}" for t in (*QUANTIZED_TENSORS, *CODED_TENSORS))):
                     raise ValueError(
                         f"{other.where(new)} and tensor {key!r} in {info.file} both load as {new!r}; the checkpoint "
                         "holds the same tensor twice under different names"
@@ -125,7 +127,7 @@ class CheckpointIndex:
 
 
 def check_scale_dtype(index: CheckpointIndex, scale_dtype: str, source: str) -> None:
-    """Raise ``ValueError`` unless every SplitQuant scale and offset is stored as ``scale_dtype``.
+    """Raise ``ValueError`` unless every SplitQuant scale and offset (or range step) is stored as ``scale_dtype``.
 
     ``scale_dtype`` is a ``SCALE_DTYPES`` name (``"float16"``); ``source`` names where it was declared,
     for the message. Loading would otherwise cast the stored values silently (and lossily).
@@ -135,7 +137,7 @@ def check_scale_dtype(index: CheckpointIndex, scale_dtype: str, source: str) -> 
     if want is None:
         raise ValueError(f"{source} is {scale_dtype!r}, not one of {sorted(names)}")
     for module in sorted(index.quantized_modules()):
-        for key in (f"{module}.{SCALE}", f"{module}.{OFFSET}"):
+        for key in (f"{module}.{SCALE}", f"{module}.{OFFSET}", f"{module}.{RANGE_STEPS}"):
             info = index.tensors.get(key)
             if info is None or info.dtype == want or info.dtype not in SCALE_FILE_DTYPES:
                 continue  # missing or not a float at all: reported with the layer's expected tensors

@@ -178,12 +178,19 @@ def _settings_table(info: CardInfo) -> list[str]:
         f"| range granularity | one scale and offset per cluster per {group} |",
         f"| range fit | {cfg.get('fit', 'minmax')} |",
         f"| scale dtype | {cfg.get('scale_dtype')} |",
+        f"| coded ranges | {_coded(cfg)} |",
         f"| effective bits per weight | {info.effective_bits:.3f} (codes + cluster ids + scales + offsets) |",
         f"| quantized layers | {info.quantized_layers} ({info.quantized_weights:,} weights) |",
         f"| kept in float | {', '.join(f'`{m}`' for m in kept) if kept else 'none'} (and all non-Linear weights) |",
         f"| checkpoint size | {_mb(info.size_before)} → {_mb(info.size_after)}{ratio} |",
         f"| format version | {cfg.get('format_version')} |",
     ]
+
+
+def _coded(cfg: dict) -> str:
+    if cfg.get("range_bits") is None:
+        return "no (each scale and offset stored in the scale dtype)"
+    return f"{cfg['range_bits']}-bit codes, steps shared by {cfg.get('range_block')} ranges"
 
 
 def _metrics_table(metrics: Sequence[Metric]) -> list[str]:

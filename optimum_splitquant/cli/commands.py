@@ -62,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--group-size", type=int, default=None, help="input columns per range (default: whole row)")
     q.add_argument("--clustering", default="tensor", help="tensor (one k-means per layer) or channel (per row)")
     q.add_argument("--fit", default="minmax", help="range of each cluster: minmax (the paper) or mse (least squares)")
+    q.add_argument(
+        "--range-bits",
+        type=int,
+        default=None,
+        help="store each scale and offset as a code of 4-8 bits (needs --fit mse)",
+    )
     q.add_argument("--task", choices=TASKS, default="auto", help="model head to load (default: from config)")
     q.add_argument("--output", required=True, help="folder to write the quantized model to (new or empty)")
     q.add_argument(

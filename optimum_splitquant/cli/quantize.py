@@ -245,6 +245,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             group_size=args.group_size,
             clustering=args.clustering,
             fit=args.fit,
+            range_bits=args.range_bits,
         )
     except (ValueError, TypeError) as exc:
         raise CliError(str(exc)) from exc

@@ -10,6 +10,10 @@ member weights are quantized with their own asymmetric min-max range to ``bits``
 ``W_hat`` equals the sum of the ``k`` separately quantized branches of the paper (each branch
 holds its cluster's values and exact zeros elsewhere), in one tensor and one matmul.
 
+With ``spec.range_bits`` set, the ranges are stored as codes times per-block steps
+(:mod:`.ranges`): the fitted ranges are coded, then every weight moves to the nearest level of
+the coded ranges.
+
 Ranges are rounded outwards when stored: ``offset`` is the cluster minimum rounded down to
 ``scale_dtype`` and ``scale`` is rounded up, so the stored grid always covers the cluster and
 every weight is within half a (stored) step of its reconstruction. A cluster with no member in a
@@ -25,6 +29,7 @@ import torch
 
 from .kmeans import assign_clusters, kmeans_1d
 from .packing import pack_rows, packed_row_bytes, unpack_rows
+from .ranges import CodedRanges, decode_ranges, encode_ranges, pack_range_codes
 from .spec import QuantSpec
 
 __all__ = [
@@ -46,12 +51,17 @@ class QuantizedWeight:
         scale: ``spec.scale_dtype`` ``(out, groups, num_clusters)``.
         offset: ``spec.scale_dtype`` ``(out, groups, num_clusters)``.
         in_features: original input width.
+        range_codes: with ``spec.range_bits``, the packed codes of the ranges (``uint8``, 1-D;
+            ``scale`` and ``offset`` are then their decoded values), else ``None``.
+        range_steps: with ``spec.range_bits``, the steps ``(blocks, 2, num_clusters)``, else ``None``.
     """
 
     packed: torch.Tensor
     scale: torch.Tensor
     offset: torch.Tensor
     in_features: int
+    range_codes: torch.Tensor | None = None
+    range_steps: torch.Tensor | None = None
 
 
 def cluster_ids(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -86,13 +96,22 @@ def quantize_weight(weight: torch.Tensor, spec: QuantSpec, ids: torch.Tensor | N
     if w.numel() == 0:
         zeros = torch.zeros(out_f, groups, k, dtype=spec.scale_dtype, device=w.device)
         packed = torch.zeros(out_f, packed_row_bytes(in_f, spec.symbol_width), dtype=torch.uint8, device=w.device)
-        return QuantizedWeight(packed, zeros, zeros.clone(), in_f)
+        if spec.range_bits is None:
+            return QuantizedWeight(packed, zeros, zeros.clone(), in_f)
+        lines = out_f * groups
+        codes = torch.zeros(lines, k, dtype=torch.uint8, device=w.device)
+        steps = torch.zeros(-(-lines // spec.range_block), 2, k, dtype=spec.scale_dtype, device=w.device)
+        coded = CodedRanges(codes, codes.clone(), steps)
+        return QuantizedWeight(packed, zeros, zeros.clone(), in_f, pack_range_codes(coded, spec), steps)
     if ids is not None and tuple(ids.shape) != (out_f, in_f):
         raise ValueError(f"ids must have the weight's shape {(out_f, in_f)}, got {tuple(ids.shape)}")
     if ids is not None and not (int(ids.min()) >= 0 and int(ids.max()) < k):
         raise ValueError(f"cluster ids must lie in [0, {k - 1}], got [{int(ids.min())}, {int(ids.max())}]")
     bounds = _boundaries(w, spec) if ids is None else None
     step = max(1, _CHUNK_WEIGHTS // max(in_f, 1))
+    if spec.range_bits is not None:  # chunks of whole blocks of lines: the coding never crosses a chunk
+        whole = spec.range_block // math.gcd(groups, spec.range_block)
+        step = -(-step // whole) * whole
     parts = []
     for r0 in range(0, out_f, step):
         wc = w[r0 : r0 + step].to(torch.float32)
@@ -101,8 +120,19 @@ def quantize_weight(weight: torch.Tensor, spec: QuantSpec, ids: torch.Tensor | N
         else:
             idc = assign_clusters(wc, bounds if bounds.shape[0] == 1 else bounds[r0 : r0 + step])
         parts.append(_quantize_rows(wc, idc, spec, groups))
-    packed, scale, offset = (torch.cat(t) for t in zip(*parts, strict=True))
-    return QuantizedWeight(packed, scale, offset, in_f)
+    if spec.range_bits is None:
+        packed, scale, offset = (torch.cat(t) for t in zip(*parts, strict=True))
+        return QuantizedWeight(packed, scale, offset, in_f)
+    packed, scale, offset, coded = zip(*parts, strict=True)
+    coded = CodedRanges(
+        torch.cat([c.scale_codes for c in coded]),
+        torch.cat([c.offset_codes for c in coded]),
+        torch.cat([c.steps for c in coded]),
+    )
+    packed = torch.cat(packed)
+    return QuantizedWeight(
+        packed, torch.cat(scale), torch.cat(offset), in_f, pack_range_codes(coded, spec), coded.steps
+    )
 
 
 def _quantize_rows(w: torch.Tensor, ids: torch.Tensor, spec: QuantSpec, groups: int):
@@ -121,14 +151,18 @@ def _quantize_rows(w: torch.Tensor, ids: torch.Tensor, spec: QuantSpec, groups: 
     empty = torch.isinf(lo)
     lo.masked_fill_(empty, 0.0)
     hi.masked_fill_(empty, 0.0)
+    coded = None
     if spec.fit == "mse":
         idg, codes, offset, scale = _fit_best_start(wg, idg, lo, hi, spec)
+        if spec.range_bits is not None:
+            idg, codes, offset, scale, coded = _fit_coded(wg, offset, scale, spec)
     else:
         offset, scale = _stored_range(lo, hi, spec)
         codes = _codes(wg, offset.float().gather(1, idg), scale.float().gather(1, idg), spec)
     offset, scale = offset.view(out_f, groups, k), scale.view(out_f, groups, k)
     symbols = (idg.to(torch.int32) << spec.bits).bitwise_or_(codes.to(torch.int32))
-    return pack_rows(symbols.reshape(out_f, in_f), spec.symbol_width), scale, offset
+    packed = pack_rows(symbols.reshape(out_f, in_f), spec.symbol_width)
+    return (packed, scale, offset) if coded is None else (packed, scale, offset, coded)
 
 
 def _codes(w: torch.Tensor, off: torch.Tensor, scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -229,6 +263,22 @@ def _fit_mse(
     return ids, codes, offset, scale
 
 
+def _fit_coded(
+    w: torch.Tensor, offset: torch.Tensor, scale: torch.Tensor, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, CodedRanges]:
+    """``(ids, codes, offset, scale, coded)`` of lines ``w`` on the coded form of fitted ranges.
+
+    The lines are whole blocks of ``spec.range_block`` (but for the weight's last chunk). Every
+    weight moves to the nearest level of the decoded ranges. (A least-squares refit of the coded
+    ranges and a second reassignment gained under 0.02 dB of SQNR on Gaussian weights at twice the
+    time, so there is none.)
+    """
+    coded = encode_ranges(scale, offset, spec)
+    scale, offset = decode_ranges(coded, spec)
+    ids, codes = _nearest_levels(w, offset.float(), scale.float(), spec)
+    return ids, codes, offset, scale, coded
+
+
 def _overflow_message(spec: QuantSpec) -> str:
     return f"the fitted ranges do not fit scale_dtype {spec.scale_dtype}; use scale_dtype='float32'"
 
@@ -237,6 +287,8 @@ def _nearest_levels(
     w: torch.Tensor, offset: torch.Tensor, scale: torch.Tensor, spec: QuantSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ids, codes)`` of the level nearest to each weight among its line's clusters (lowest id on ties)."""
+    if spec.num_clusters == 1:
+        return torch.zeros(w.shape, dtype=torch.int64, device=w.device), _codes(w, offset, scale, spec)
     best_err = best_ids = best_codes = None
     for j in range(spec.num_clusters):
         off_j, scale_j = offset[:, j : j + 1], scale[:, j : j + 1]

@@ -12,6 +12,7 @@ import torch
 __all__ = [
     "CLUSTERINGS",
     "MAX_CLUSTERS",
+    "RANGE_BITS",
     "SCALE_DTYPES",
     "SUPPORTED_BITS",
     "QuantSpec",
@@ -23,6 +24,7 @@ SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
 MAX_CLUSTERS = 16
 CLUSTERINGS = ("tensor", "channel")
 FITS = ("minmax", "mse")
+RANGE_BITS = (4, 5, 6, 7, 8)
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -62,6 +64,10 @@ class QuantSpec:
             minimum and maximum) or ``"mse"`` (from the best of several starting grids per row or
             group, least-squares refits alternating with moving each weight to the nearest level of
             its row or group; the same stored layout).
+        range_bits: ``None`` stores every scale and offset in ``scale_dtype``; 4 to 8 stores each as
+            a code of that many bits times a step shared by ``range_block`` consecutive (row, group)
+            lines (:mod:`.ranges`; needs ``fit="mse"``, which refits the codes to the coded ranges).
+        range_block: (row, group) lines sharing one pair of steps per cluster when ``range_bits`` is set.
     """
 
     bits: int
@@ -70,6 +76,8 @@ class QuantSpec:
     clustering: str = "tensor"
     scale_dtype: torch.dtype = torch.float16
     fit: str = "minmax"
+    range_bits: int | None = None
+    range_block: int = 8
 
     def __post_init__(self) -> None:
         int_field(
@@ -85,6 +93,15 @@ class QuantSpec:
             raise ValueError(f"fit must be one of {FITS}, got {self.fit!r}")
         if self.scale_dtype not in SCALE_DTYPES.values():
             raise ValueError(f"scale_dtype must be one of {tuple(SCALE_DTYPES)}, got {self.scale_dtype!r}")
+        if self.range_bits is not None:
+            allowed = f"None or one of {RANGE_BITS}"
+            int_field("range_bits", self.range_bits, allowed=allowed, valid=RANGE_BITS.__contains__, not_int=ValueError)
+            if self.fit != "mse":
+                raise ValueError(
+                    f"range_bits={self.range_bits} needs fit='mse' (codes are refitted to the coded ranges)"
+                )
+        positive = "a positive integer"
+        int_field("range_block", self.range_block, allowed=positive, valid=lambda b: b >= 1, not_int=ValueError)
 
     @property
     def levels(self) -> int:
@@ -105,10 +122,14 @@ class QuantSpec:
         """Effective stored bits per weight of a layer with rows of ``in_features`` weights.
 
         Codes and cluster ids (:attr:`symbol_width`, rows padded to 8 symbols) plus a scale and an
-        offset per (row, group, cluster) in :attr:`scale_dtype`.
+        offset per (row, group, cluster) in :attr:`scale_dtype`, or with :attr:`range_bits` two codes
+        per (row, group, cluster) and two steps per (block, cluster) (counted per line, as on a tall
+        matrix: the code stream's padding and a short last block add a few bits per layer).
         """
         padded = -(-in_features // 8) * 8
-        side = 2 * self.num_clusters * self.num_groups(in_features) * torch.finfo(self.scale_dtype).bits
+        float_bits = torch.finfo(self.scale_dtype).bits
+        per_range = float_bits if self.range_bits is None else self.range_bits + float_bits / self.range_block
+        side = 2 * self.num_clusters * self.num_groups(in_features) * per_range
         return (padded * self.symbol_width + side) / in_features
 
     def num_groups(self, in_features: int) -> int:

@@ -1,4 +1,4 @@
-"""``SplitQuantConfig``: the transformers ``quantization_config`` of SplitQuant (format version 1).
+"""``SplitQuantConfig``: the transformers ``quantization_config`` of SplitQuant (format versions 1 and 2).
 
 Written to ``config.json`` under ``quantization_config``; everything needed to read the
 checkpoint back is here or in the tensors themselves, never in code defaults.
@@ -14,8 +14,18 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from ..checkpoint import format as stored_format
 from ..checkpoint.format import FORMAT_VERSION
-from ..core.spec import CLUSTERINGS, FITS, SCALE_DTYPES, SUPPORTED_BITS, QuantSpec, check_num_clusters, int_field
+from ..core.spec import (
+    CLUSTERINGS,
+    FITS,
+    RANGE_BITS,
+    SCALE_DTYPES,
+    SUPPORTED_BITS,
+    QuantSpec,
+    check_num_clusters,
+    int_field,
+)
 
 __all__ = ["FORMAT_VERSION", "QUANT_METHOD", "SplitQuantConfig"]
 
@@ -27,6 +37,8 @@ _FIELDS = (
     "clustering",
     "scale_dtype",
     "fit",
+    "range_bits",
+    "range_block",
     "modules_to_not_convert",
     "format_version",
     "quant_method",
@@ -37,12 +49,12 @@ BUDGET_WIDTH = 512
 narrower rows cost more side data per weight, so layers of at least this many inputs stay within."""
 
 # The best SplitQuant configuration measured within each budget of stored bits per weight (MiniLM
-# embedding cosine and SmolLM2-135M perplexity, benchmarks/results/frontier_*.md), cheapest first.
+# embedding cosine and SmolLM2-135M perplexity, benchmarks/results/frontier_coded.md), cheapest first.
 _BUDGET_TABLE: tuple[dict[str, Any], ...] = (
-    {"bits": 3, "num_clusters": 1, "group_size": 64, "fit": "mse"},  # 3.5 bits
-    {"bits": 3, "num_clusters": 1, "group_size": 32, "fit": "mse"},  # 4.0
-    {"bits": 2, "num_clusters": 4, "fit": "mse"},  # 4.25 on 512-wide rows
-    {"bits": 4, "num_clusters": 1, "group_size": 64, "fit": "mse"},  # 4.5
+    {"bits": 3, "num_clusters": 1, "group_size": 32, "fit": "mse", "range_bits": 6},  # 3.5 bits
+    {"bits": 3, "num_clusters": 1, "group_size": 16, "fit": "mse", "range_bits": 6},  # 4.0
+    {"bits": 4, "num_clusters": 1, "group_size": 64, "fit": "mse", "range_bits": 6},  # 4.25
+    {"bits": 4, "num_clusters": 1, "group_size": 32, "fit": "mse", "range_bits": 6},  # 4.5
     {"bits": 4, "num_clusters": 1, "group_size": 32, "fit": "mse"},  # 5.0
     {"bits": 5, "num_clusters": 1, "group_size": 32, "fit": "mse"},  # 6.0
 )
@@ -61,10 +73,16 @@ class SplitQuantConfig(QuantizationConfigMixin):
             range) or ``"mse"`` (least-squares ranges from the best of several starting grids, each
             weight on the nearest level of its row or group; the same stored size, a lower
             reconstruction error). Only quantizing reads it.
+        range_bits: ``None`` (default) stores each scale and offset in ``scale_dtype``; 4 to 8 stores
+            each as a code of that many bits times a step shared by ``range_block`` consecutive
+            (row, group) lines (format 2; needs ``fit="mse"``): a quarter of the side data, so
+            smaller groups fit the same budget.
+        range_block: (row, group) lines sharing one scale step and one offset step per cluster.
         modules_to_not_convert: module names kept in float. ``None`` keeps the task head
             (classifier / lm_head / tied output embeddings) in float; the resolved list is written
             back here when a model is quantized. ``[]`` quantizes every eligible layer.
-        format_version: on-disk format; this release reads and writes version 1.
+        format_version: on-disk format; ``None`` picks the oldest that stores these settings (1, or 2
+            with ``range_bits``). This release reads and writes versions 1 and 2.
     """
 
     def __init__(
@@ -75,8 +93,10 @@ class SplitQuantConfig(QuantizationConfigMixin):
         clustering: str = "tensor",
         scale_dtype: str = "float16",
         fit: str = "minmax",
+        range_bits: int | None = None,
+        range_block: int = 8,
         modules_to_not_convert: list[str] | None = None,
-        format_version: int = FORMAT_VERSION,
+        format_version: int | None = None,
         quant_method: str = QUANT_METHOD,
         **kwargs: Any,
     ) -> None:
@@ -103,6 +123,14 @@ class SplitQuantConfig(QuantizationConfigMixin):
         if fit not in FITS:
             raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
         self.fit = fit
+        if range_bits is not None:
+            range_bits = int_field(
+                "range_bits", range_bits, allowed=f"None or one of {RANGE_BITS}", valid=RANGE_BITS.__contains__
+            )
+            if fit != "mse":
+                raise ValueError(f"range_bits={range_bits} needs fit='mse' (codes are refitted to the coded ranges)")
+        self.range_bits = range_bits
+        self.range_block = int_field("range_block", range_block, allowed="a positive integer", valid=lambda b: b >= 1)
         if modules_to_not_convert is not None:
             if isinstance(modules_to_not_convert, str) or not all(isinstance(m, str) for m in modules_to_not_convert):
                 raise TypeError(
@@ -110,6 +138,9 @@ class SplitQuantConfig(QuantizationConfigMixin):
                 )
             modules_to_not_convert = list(modules_to_not_convert)
         self.modules_to_not_convert = modules_to_not_convert
+        needed = stored_format.format_version(self.to_spec())
+        if format_version is None:
+            format_version = needed
         version = int_field("format_version", format_version, allowed=f"an integer <= {FORMAT_VERSION}")
         if version > FORMAT_VERSION:
             raise ValueError(
@@ -118,6 +149,8 @@ class SplitQuantConfig(QuantizationConfigMixin):
             )
         if version < 1:
             raise ValueError(f"format_version must be >= 1, got {version}")
+        if version < needed:
+            raise ValueError(f"range_bits={self.range_bits} needs format_version >= {needed}, got {version}")
         self.format_version = version
 
     @classmethod
@@ -149,11 +182,19 @@ class SplitQuantConfig(QuantizationConfigMixin):
             clustering=self.clustering,
             scale_dtype=SCALE_DTYPES[self.scale_dtype],
             fit=self.fit,
+            range_bits=self.range_bits,
+            range_block=self.range_block,
         )
 
     def storage_settings(self) -> dict[str, Any]:
-        """The settings the stored tensors depend on (also written into every safetensors header)."""
-        return {name: getattr(self, name) for name in ("bits", "num_clusters", "group_size", "clustering")}
+        """The settings the stored tensors depend on (also written into every safetensors header).
+
+        ``range_bits`` and ``range_block`` appear only when set (format 1 headers have neither).
+        """
+        names = ("bits", "num_clusters", "group_size", "clustering")
+        if self.range_bits is not None:
+            names += ("range_bits", "range_block")
+        return {name: getattr(self, name) for name in names}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict of every field (what ``config.json`` stores)."""

@@ -20,7 +20,7 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import ConversionOps, WeightConverter
 from transformers.quantizers import HfQuantizer
 
-from ..checkpoint.format import FORMAT_VERSION, PACKED, QUANTIZED_TENSORS, layer_tensors
+from ..checkpoint.format import FORMAT_VERSION, PACKED, format_version, layer_tensors, stored_tensors
 from ..checkpoint.headers import (
     CheckpointIndex,
     check_consistency,
@@ -94,7 +94,7 @@ class SplitQuantHfQuantizer(HfQuantizer):
         """Loading a checkpoint: one conversion per layer for its SplitQuant tensors (see :class:`LayerTensors`)."""
         if not self.pre_quantized:
             return []
-        return [LayerConverter(list(QUANTIZED_TENSORS), PACKED, [LayerTensors()])]
+        return [LayerConverter(list(stored_tensors(self.spec)), PACKED, [LayerTensors()])]
 
     def get_new_dtype(self, converter: Any, param: Any, dtype: torch.dtype | None) -> torch.dtype | None:
         if LayerTensors.used_by(converter):
@@ -224,9 +224,11 @@ class SplitQuantHfQuantizer(HfQuantizer):
                     f"{name}.weight was not found in the checkpoint, so layer {name!r} could not be quantized; "
                     f"add it to SplitQuantConfig(modules_to_not_convert=[...]) to keep it in float"
                 )
-            for buf in QUANTIZED_TENSORS:
+            for buf in stored_tensors(module.spec):
                 if getattr(module, buf).is_meta:
                     raise ValueError(f"{name}.{buf} was not loaded (still on the meta device)")
+            # transformers sets the non-persistent buffers (here the decoded ranges) after loading: rebuild them.
+            module.rebuild_ranges_()
             loaded[name] = module
         if self.pre_quantized:
             validate_layers(loaded, self.load_dtype)
@@ -237,7 +239,7 @@ class SplitQuantHfQuantizer(HfQuantizer):
     def get_state_dict_and_metadata(self, model: torch.nn.Module) -> tuple[None, dict[str, str]]:
         self._record_scale_dtype(model)
         settings = self.quantization_config.storage_settings()
-        return None, {**header_metadata(FORMAT_VERSION, settings), "quant_method": QUANT_METHOD}
+        return None, {**header_metadata(format_version(self.spec), settings), "quant_method": QUANT_METHOD}
 
     def _dequantize(self, model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
         return dequantize_model(model, dtype)
@@ -291,10 +293,10 @@ class QuantizeOnLoad(ConversionOps):
             # layer's own message and raise it once loading is done.
             self.hf_quantizer.load_errors[module_name] = str(exc)
         module._is_hf_initialized = True
-        for buf in QUANTIZED_TENSORS:
-            getattr(module, buf)._is_hf_initialized = True
+        for buf in module._buffers.values():
+            buf._is_hf_initialized = True
         if missing_keys is not None:
-            for tensor in ("weight", *QUANTIZED_TENSORS):
+            for tensor in ("weight", *stored_tensors(module.spec)):
                 missing_keys.discard(f"{module_name}.{tensor}")
         return {}
 

@@ -9,6 +9,11 @@ kernel); a subclass says how its float weight maps onto those rows and how it co
 While a float checkpoint streams in, the layer also carries a float ``weight`` parameter (usually
 on the meta device) that :meth:`SplitQuantModule.quantize_` consumes and deletes.
 
+With coded ranges (``spec.range_bits``, format 2) the layer stores ``weight_range_codes`` and
+``weight_range_steps`` instead, and holds the scales and offsets they encode as non-persistent
+``weight_scale`` / ``weight_offset`` buffers, rebuilt by :meth:`SplitQuantModule.rebuild_ranges_`
+(the quantizer calls it once a checkpoint has loaded; ``load_state_dict`` does too).
+
 Optional non-persistent buffer: ``weight_cache`` (float ``(out_features, in_features)``), kept by
 :meth:`SplitQuantModule.cache_weight_`.
 """
@@ -16,14 +21,16 @@ Optional non-persistent buffer: ``weight_cache`` (float ``(out_features, in_feat
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from .. import kernels
-from ..checkpoint.format import BIAS, OFFSET, PACKED, QUANTIZED_TENSORS, SCALE, layer_tensors
+from ..checkpoint.format import BIAS, OFFSET, PACKED, RANGE_CODES, RANGE_STEPS, SCALE, layer_tensors, stored_tensors
 from ..core.packing import unpack_rows
 from ..core.quantize import QuantizedWeight, dequantize_weight, quantize_weight
+from ..core.ranges import decode_ranges, unpack_range_codes
 from ..core.spec import QuantSpec
 from ..kernels import triton_ops
 
@@ -54,11 +61,21 @@ class SplitQuantModule(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.spec = spec
-        stored = {PACKED: torch.uint8, SCALE: spec.scale_dtype, OFFSET: spec.scale_dtype}
+        stored = {
+            PACKED: torch.uint8,
+            SCALE: spec.scale_dtype,
+            OFFSET: spec.scale_dtype,
+            RANGE_CODES: torch.uint8,
+            RANGE_STEPS: spec.scale_dtype,
+        }
         # Meta tensors hold no values: empty() there skips zeros()' decomposition (a fifth of a load's rebuild).
         new = torch.empty if torch.device(device or "cpu").type == "meta" else torch.zeros
         for name, layout in layer_tensors(out_features, in_features, spec, bias=False).items():
             self.register_buffer(name, new(layout.shape, dtype=stored[name], device=device))
+        if self.coded:  # what the kernels read, rebuilt from the codes
+            ranges = (out_features, spec.num_groups(in_features), spec.num_clusters)
+            for name in (SCALE, OFFSET):
+                self.register_buffer(name, new(ranges, dtype=spec.scale_dtype, device=device), persistent=False)
         if bias:
             self.bias = nn.Parameter(new(out_features, device=device, dtype=dtype), requires_grad=False)
         else:
@@ -99,6 +116,38 @@ class SplitQuantModule(nn.Module):
         return self._from_rows(self.dequantize_weight(self._float_dtype()))
 
     @property
+    def coded(self) -> bool:
+        """Whether the ranges are stored as codes (``spec.range_bits``, format 2)."""
+        return self.spec.range_bits is not None
+
+    def rebuild_ranges_(self) -> None:
+        """Rebuild ``weight_scale`` / ``weight_offset`` from the stored range codes (no-op unless coded)."""
+        if not self.coded or self.weight_range_codes.is_meta or self.weight_range_steps.is_meta:
+            return
+        lines = self.weight_scale.shape[0] * self.weight_scale.shape[1]
+        coded = unpack_range_codes(self.weight_range_codes, self.weight_range_steps, lines, self.spec)
+        spec = self.spec
+        if coded.steps.dtype != spec.scale_dtype:  # the model was cast: decode in the steps' dtype
+            spec = replace(spec, scale_dtype=coded.steps.dtype)
+        scale, offset = decode_ranges(coded, spec)
+        shape = self.weight_scale.shape
+        self.weight_scale, self.weight_offset = scale.view(shape), offset.view(shape)
+        self._ranges_from = self._ranges_source()
+
+    def _ranges_source(self) -> tuple:
+        codes, steps = self.weight_range_codes, self.weight_range_steps
+        return codes.data_ptr(), codes.device, steps.data_ptr(), steps.dtype
+
+    def _ensure_ranges(self) -> None:
+        """Rebuild the decoded ranges if the stored codes were replaced since (an offload hook, a load)."""
+        if self.coded and getattr(self, "_ranges_from", None) != self._ranges_source():
+            self.rebuild_ranges_()
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(*args, **kwargs)
+        self.rebuild_ranges_()
+
+    @property
     def is_quantized(self) -> bool:
         """False while a float ``weight`` still waits to be quantized."""
         return "weight" not in self._parameters
@@ -121,6 +170,10 @@ class SplitQuantModule(nn.Module):
         self.weight_packed = q.packed.to(device)
         self.weight_scale = q.scale.to(device)
         self.weight_offset = q.offset.to(device)
+        if self.coded:
+            self.weight_range_codes = q.range_codes.to(device)
+            self.weight_range_steps = q.range_steps.to(device)
+            self._ranges_from = self._ranges_source()
         self._parameters.pop("weight", None)
 
     def _copy_bias(self, module: nn.Module) -> None:
@@ -147,6 +200,7 @@ class SplitQuantModule(nn.Module):
         vectorised torch passes. Never a decode of each weight.
         """
         dtype = dtype or torch.float32
+        self._ensure_ranges()
         verdict = _compiled_verdicts([self], dtype)
         verdict = verdict[0] if verdict else None
         if verdict == 1 or (verdict is None and not self._ranges_ok(dtype)):
@@ -172,16 +226,17 @@ class SplitQuantModule(nn.Module):
 
     def _raise_bad_range(self, dtype: torch.dtype) -> None:
         """Name what :meth:`_ranges_ok` found (slow path: runs only once something was found)."""
+        coded = f" (rebuilt from {RANGE_CODES} and {RANGE_STEPS})" if self.coded else ""
         for name in (SCALE, OFFSET):
             if not bool(torch.isfinite(getattr(self, name)).all()):
-                raise ValueError(f"{name} holds NaN or infinite values")
+                raise ValueError(f"{name}{coded} holds NaN or infinite values")
         if bool((self.weight_scale < 0).any()):
-            raise ValueError(f"{SCALE} holds negative values")
+            raise ValueError(f"{SCALE}{coded} holds negative values")
         low = self.weight_offset.float()
         high = low + self.weight_scale.float() * (self.spec.levels - 1)
         largest = float(torch.stack((low, high)).abs().max())
         raise ValueError(
-            f"{SCALE} and {OFFSET} rebuild weights of magnitude up to {largest:.6g}, which overflow {dtype} "
+            f"{SCALE} and {OFFSET}{coded} rebuild weights of magnitude up to {largest:.6g}, which overflow {dtype} "
             f"(largest finite value {torch.finfo(dtype).max:.6g}); the values are damaged, or the model needs a "
             "wider compute dtype: load it with dtype=torch.float32"
         )
@@ -203,7 +258,17 @@ class SplitQuantModule(nn.Module):
         )
 
     def quantized_weight(self) -> QuantizedWeight:
-        """The stored compact tensors."""
+        """The compact tensors (with coded ranges: the decoded scales and offsets, and the codes)."""
+        self._ensure_ranges()
+        if self.coded:
+            return QuantizedWeight(
+                self.weight_packed,
+                self.weight_scale,
+                self.weight_offset,
+                self.in_features,
+                self.weight_range_codes,
+                self.weight_range_steps,
+            )
         return QuantizedWeight(self.weight_packed, self.weight_scale, self.weight_offset, self.in_features)
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -214,6 +279,7 @@ class SplitQuantModule(nn.Module):
         return self._dequantize_packed(dtype)
 
     def _dequantize_packed(self, dtype: torch.dtype) -> torch.Tensor:
+        self._ensure_ranges()
         packed = self.weight_packed
         if packed.device.type == "cuda" and triton_ops.available():
             spec = self.spec
@@ -251,6 +317,7 @@ class SplitQuantModule(nn.Module):
     def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
         # ``model.to(dtype)`` also casts the scales; rebuild the cache so it stays the dequantized weight.
         result = super()._apply(fn, recurse)
+        self.rebuild_ranges_()  # from the (cast) steps, as a reload of a save of the cast model would
         cache = self._buffers.get(_CACHE)
         if cache is not None:
             self._buffers[_CACHE] = self._dequantize_packed(cache.dtype).to(cache.device)
@@ -261,8 +328,9 @@ class SplitQuantModule(nn.Module):
         self._buffers.pop(_CACHE, None)
 
     def storage_bits(self) -> int:
-        """Bits stored for the weight: packed codes and ids, scales and offsets (bias excluded)."""
-        return sum(getattr(self, name).numel() * getattr(self, name).element_size() * 8 for name in QUANTIZED_TENSORS)
+        """Bits stored for the weight: packed codes and ids, scales and offsets or their codes (bias excluded)."""
+        tensors = [getattr(self, name) for name in stored_tensors(self.spec)]
+        return sum(t.numel() * t.element_size() * 8 for t in tensors)
 
     def effective_bits(self) -> float:
         """Stored weight bits divided by the number of original weights."""
@@ -272,7 +340,8 @@ class SplitQuantModule(nn.Module):
     def _settings_repr(self) -> str:
         s = self.spec
         group = "row" if s.group_size is None else s.group_size
-        return f"bits={s.bits}, num_clusters={s.num_clusters}, group={group}, clustering={s.clustering}"
+        coded = "" if s.range_bits is None else f", range_bits={s.range_bits}, range_block={s.range_block}"
+        return f"bits={s.bits}, num_clusters={s.num_clusters}, group={group}, clustering={s.clustering}{coded}"
 
 
 def enable_weight_cache(model: nn.Module, dtype: torch.dtype | None = None) -> int:

@@ -98,6 +98,7 @@ class SplitQuantLinear(SplitQuantModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_quantized()
+        self._ensure_ranges()
         bias = self.bias
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)

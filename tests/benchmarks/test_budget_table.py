@@ -117,9 +117,14 @@ def test_table_from_saved_json_regenerates_without_running(tmp_path):
 def test_frontier_grid_stays_in_range_and_small():
     assert methods.expected_bits(2, 4, None, 576) == pytest.approx(2 + 2 + 128 / 576)
     assert methods.expected_bits(3, 1, 64, 384) == 3.5
+    assert methods.expected_bits(4, 1, 64, 576, range_bits=6) == 4.25
     frontier = methods.frontier_methods()
     sq = [m for m in frontier if m.kind == "splitquant"]
     hqq = [m for m in frontier if m.kind == "hqq"]
+    coded = [m for m in sq if m.range_bits is not None]
+    assert len(coded) == len(methods.FRONTIER_CODED) and all(m.name.endswith(" mse r6") for m in coded)
+    assert all(m.fit == "mse" and m.range_bits == methods.CODED_RANGE_BITS for m in coded)
+    sq = [m for m in sq if m.range_bits is None]
     assert len(sq) <= 48 and {m.fit for m in sq} == {"minmax", "mse"}
     per_row = [m for m in sq if m.clustering == "channel"]
     assert len(per_row) == len(methods.FRONTIER_PER_ROW) and all(m.name.endswith(" mse per-row") for m in per_row)
@@ -136,9 +141,13 @@ def test_frontier_grid_stays_in_range_and_small():
     }
     assert all(3 <= methods.hqq_expected_bits(m.bits, m.group_size) <= 6.5 for m in hqq)
     full = methods.frontier_methods(full=True)
-    assert {(m.bits, m.num_clusters, m.group_size) for m in full if m.kind == "splitquant"} == set(
+    assert {(m.bits, m.num_clusters, m.group_size) for m in full if m.kind == "splitquant" and not m.range_bits} == set(
         methods.splitquant_grid()
     )
     assert set(methods.FRONTIER_SPLITQUANT) <= set(methods.splitquant_grid())
+    for m in coded:  # coded ranges: the same budgets with groups half as large (16 divides every width here)
+        for width in (576, 384):
+            assert 3 <= methods.expected_bits(m.bits, m.num_clusters, m.group_size, width, m.range_bits) <= 6.5
+        assert all(w % m.group_size == 0 for w in (384, 1536)) and (576 % m.group_size == 0 or m.group_size == 128)
     families = {m.family for m in frontier}
     assert families >= {"HQQ", "SplitQuant minmax (k>=2)", "SplitQuant mse (k>=2)", "plain mse (k=1)"}

@@ -99,12 +99,8 @@ def test_quantize_writes_model_tokenizer_and_card(quantized_dir, capsys):
 
 def test_quantize_summary_and_progress(tiny_base, tmp_path, capsys):
     out = tmp_path / "q"
-    assert (
-        commands.main(
-            ["quantize", tiny_base, "--bits", "4", "--num-clusters", "4", "--group-size", "16", "--output", str(out)]
-        )
-        == 0
-    )
+    args = ["quantize", tiny_base, "--bits", "4", "--num-clusters", "4", "--group-size", "16", "--output", str(out)]
+    assert commands.main(args) == 0
     captured = capsys.readouterr()
     assert "SplitQuant INT4 (k=4)" in captured.out
     assert "effective bits per weight" in captured.out and "smaller" in captured.out
@@ -112,6 +108,15 @@ def test_quantize_summary_and_progress(tiny_base, tmp_path, capsys):
     assert "Loading weights" in captured.err and "100%" in captured.err  # quantized as the weights stream in
     saved = json.loads((out / "config.json").read_text())["quantization_config"]
     assert (saved["bits"], saved["num_clusters"], saved["group_size"]) == (4, 4, 16)
+
+
+def test_quantize_with_coded_ranges(tiny_base, tmp_path):
+    out = tmp_path / "q"
+    args = ["quantize", tiny_base, "--bits", "4", "--num-clusters", "1", "--group-size", "16", "--fit", "mse"]
+    assert commands.main([*args, "--range-bits", "6", "--output", str(out)]) == 0
+    saved = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (saved["range_bits"], saved["range_block"], saved["format_version"]) == (6, 8, 2)
+    assert "| coded ranges | 6-bit codes, steps shared by 8 ranges |" in (out / "README.md").read_text()
 
 
 def test_quantize_with_evaluate_puts_results_in_the_card(tiny_classifier, tmp_path, capsys):
@@ -175,6 +180,7 @@ def test_evaluate_a_float_classifier(tiny_classifier, capsys):
         (["quantize", "{base}", "--bits", "2", "--num-clusters", "17"], "num_clusters must be an integer in [1, 16]"),
         (["quantize", "{base}", "--bits", "2", "--clustering", "rows"], "clustering must be one of"),
         (["quantize", "{base}", "--bits", "2", "--group-size", "7"], "group_size=7 does not divide"),
+        (["quantize", "{base}", "--bits", "2", "--range-bits", "6"], "range_bits=6 needs fit='mse'"),
         (["quantize", "{quantized}", "--bits", "2"], "is already quantized"),
         (["quantize", "{base}", "--bits", "2", "--push-to-hub", "me/x"], "cannot push: offline mode is on"),
         (["evaluate", "/no/such/model"], "does not exist"),
@@ -186,6 +192,7 @@ def test_evaluate_a_float_classifier(tiny_classifier, capsys):
         "clusters-17",
         "clustering",
         "group-size",
+        "range-bits-minmax",
         "requantize",
         "push-offline",
         "evaluate-missing",

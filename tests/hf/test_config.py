@@ -15,7 +15,9 @@ from optimum_splitquant import FORMAT_VERSION, SplitQuantConfig
 def test_defaults_and_spec():
     cfg = SplitQuantConfig(bits=2)
     assert (cfg.bits, cfg.num_clusters, cfg.group_size, cfg.clustering) == (2, 3, None, "tensor")
-    assert cfg.format_version == FORMAT_VERSION and cfg.quant_method == "splitquant"
+    # Without coded ranges the oldest format that stores it (1, which every release reads) is written.
+    assert cfg.format_version == 1 and cfg.quant_method == "splitquant"
+    assert SplitQuantConfig(bits=4, fit="mse", range_bits=6).format_version == FORMAT_VERSION == 2
     spec = cfg.to_spec()
     assert spec.symbol_width == 4 and spec.scale_dtype == torch.float16
 
@@ -64,7 +66,7 @@ def test_round_trip_through_config_json(tmp_path):
         (dict(clustering="row"), ValueError, r"clustering must be one of \('tensor', 'channel'\), got 'row'"),
         (dict(scale_dtype="int8"), ValueError, r"scale_dtype must be one of .*got 'int8'"),
         (dict(modules_to_not_convert="lm_head"), TypeError, r"modules_to_not_convert must be None or a list"),
-        (dict(format_version=2), ValueError, r"format_version 2 was written by a newer optimum-splitquant"),
+        (dict(format_version=3), ValueError, r"format_version 3 was written by a newer optimum-splitquant"),
         (dict(format_version=0), ValueError, r"format_version must be >= 1"),
         (dict(quant_method="gptq"), ValueError, r"quant_method must be 'splitquant', got 'gptq'"),
         (dict(bitz=2), TypeError, r"unknown field\(s\) \['bitz'\]"),

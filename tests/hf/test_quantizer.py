@@ -22,10 +22,13 @@ from transformers.pytorch_utils import Conv1D
 
 import optimum_splitquant
 from optimum_splitquant import SplitQuantConfig, size_report
-from optimum_splitquant.checkpoint.format import METADATA_FORMAT_KEY, QUANTIZED_TENSORS
+from optimum_splitquant.checkpoint.format import CODED_TENSORS, METADATA_FORMAT_KEY, QUANTIZED_TENSORS
 from optimum_splitquant.hf.quantizer import LayerTensors, SplitQuantHfQuantizer
 
 HEADS = {"bert-base": "pooler.dense", "bert-seqcls": "classifier", "gpt2-lm": "lm_head", "llama-lm": "lm_head"}
+
+CODED = dict(bits=4, num_clusters=1, group_size=16, fit="mse", range_bits=6)
+"""Settings with coded ranges (format 2)."""
 
 
 def float_layers(model):
@@ -115,17 +118,21 @@ def test_sharded_save_reloads_identically(tiny_dirs, sample_inputs, tmp_path):
     assert torch.equal(run(again, sample_inputs), run(model, sample_inputs))
 
 
-@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
-def test_a_reloaded_checkpoint_saves_the_same_tensors(tiny_dirs, tmp_path, dtype):
+@pytest.mark.parametrize(
+    ("dtype", "settings"),
+    [(None, dict(bits=2)), (torch.bfloat16, dict(bits=2)), (torch.bfloat16, CODED)],
+    ids=["fp32", "bf16", "coded-bf16"],
+)
+def test_a_reloaded_checkpoint_saves_the_same_tensors(tiny_dirs, tmp_path, dtype, settings):
     """Loading groups each layer's tensors in one conversion; saving reverses it into the same file."""
-    model = load("llama-lm", tiny_dirs["llama-lm"], quantization_config=SplitQuantConfig(bits=2))
+    model = load("llama-lm", tiny_dirs["llama-lm"], quantization_config=SplitQuantConfig(**settings))
     model.save_pretrained(tmp_path / "first")
     again = load("llama-lm", tmp_path / "first", dtype=dtype)
     for layer in quantized_layers(again).values():
         assert (layer.weight_packed.dtype, layer.weight_scale.dtype) == (torch.uint8, torch.float16)
     again.save_pretrained(tmp_path / "second")
     first, second = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("first", "second"))
-    quantized = [k for k in first if k.endswith(QUANTIZED_TENSORS)]
+    quantized = [k for k in first if k.endswith((*QUANTIZED_TENSORS, *CODED_TENSORS))]
     assert quantized and set(first) == set(second)
     for key in quantized:
         assert first[key].dtype == second[key].dtype and torch.equal(first[key], second[key]), key
@@ -145,9 +152,14 @@ def test_a_copied_layer_conversion_collects_on_its_own():
     assert first.operations is not template.operations
 
 
-@pytest.mark.parametrize("offload_buffers", [False, True])
-def test_reload_with_a_layer_offloaded_to_disk(tiny_dirs, sample_inputs, tmp_path, offload_buffers):
-    model = load("llama-lm", tiny_dirs["llama-lm"], quantization_config=SplitQuantConfig(bits=4))
+@pytest.mark.parametrize(
+    ("offload_buffers", "settings"),
+    [(False, dict(bits=4)), (True, dict(bits=4)), (False, CODED), (True, CODED)],
+    ids=["weights", "buffers-too", "coded-weights", "coded-buffers-too"],
+)
+def test_reload_with_a_layer_offloaded_to_disk(tiny_dirs, sample_inputs, tmp_path, offload_buffers, settings):
+    """Coded ranges: the offloaded layer's decoded ranges are rebuilt from the codes the hook brings in."""
+    model = load("llama-lm", tiny_dirs["llama-lm"], quantization_config=SplitQuantConfig(**settings))
     model.save_pretrained(tmp_path / "q")
     on_cpu = ("model.embed_tokens", "model.layers.0", "model.norm", "model.rotary_emb", "lm_head")
     device_map = {**dict.fromkeys(on_cpu, "cpu"), "model.layers.1": "disk"}
