@@ -66,6 +66,7 @@ class Method:
     group_size: int | None = None
     fit: str = "minmax"  # SplitQuantConfig.fit (SplitQuant kinds only)
     clustering: str = "tensor"  # SplitQuantConfig.clustering (SplitQuant kinds only)
+    range_bits: int | None = None  # SplitQuantConfig.range_bits (SplitQuant kinds only)
 
     @property
     def slug(self) -> str:
@@ -144,10 +145,32 @@ FRONTIER_PER_ROW: tuple[tuple[int, int, int | None], ...] = (
 )
 
 
-def expected_bits(bits: int, num_clusters: int, group_size: int | None, width: int) -> float:
+#: Triples also run with coded ranges (``range_bits=CODED_RANGE_BITS``, fit="mse" only); comments: bits/weight.
+FRONTIER_CODED: tuple[tuple[int, int, int | None], ...] = (
+    (3, 1, 32),  # 3.50
+    (2, 2, 64),  # 3.50
+    (3, 1, 16),  # 4.00
+    (4, 1, 64),  # 4.25
+    (3, 2, 128),  # 4.25
+    (2, 4, 192),  # 4.33
+    (4, 1, 32),  # 4.50
+    (3, 2, 64),  # 4.50
+    (4, 1, 16),  # 5.00
+    (3, 2, 32),  # 5.00
+    (5, 1, 16),  # 6.00
+    (4, 2, 32),  # 6.00
+)
+CODED_RANGE_BITS = 6
+
+
+def expected_bits(
+    bits: int, num_clusters: int, group_size: int | None, width: int, range_bits: int | None = None
+) -> float:
     """SplitQuant's stored bits per weight on a layer ``width`` inputs wide: codes, cluster ids, and a float16
-    scale and offset per (row or group, cluster)."""
-    return bits + math.ceil(math.log2(num_clusters)) + 2 * num_clusters * 16 / (group_size or width)
+    scale and offset per (row or group, cluster), or with ``range_bits`` two codes per (row or group, cluster)
+    and two float16 steps per 8 of them."""
+    per_range = 16 if range_bits is None else range_bits + 16 / 8
+    return bits + math.ceil(math.log2(num_clusters)) + 2 * num_clusters * per_range / (group_size or width)
 
 
 def hqq_expected_bits(nbits: int, group_size: int) -> float:
@@ -173,16 +196,24 @@ def splitquant_grid(
 
 
 def splitquant_method(
-    bits: int, num_clusters: int, group_size: int | None, fit: str, clustering: str = "tensor"
+    bits: int,
+    num_clusters: int,
+    group_size: int | None,
+    fit: str,
+    clustering: str = "tensor",
+    range_bits: int | None = None,
 ) -> Method:
     """A frontier SplitQuant method: ``plain INT4 k=1 g64 mse``, ``SplitQuant INT2 k=4 minmax``,
-    ``SplitQuant INT2 k=4 mse per-row`` (``clustering="channel"``: one k-means per output row), ..."""
+    ``SplitQuant INT2 k=4 mse per-row`` (``clustering="channel"``: one k-means per output row),
+    ``plain INT4 k=1 g64 mse r6`` (``range_bits=6``: coded ranges), ..."""
     plain = num_clusters == 1
     name = f"{'plain' if plain else 'SplitQuant'} INT{bits} k={num_clusters}{f' g{group_size}' if group_size else ''} {fit}"
     family = f"plain {fit} (k=1)" if plain else f"SplitQuant {fit} (k>=2)"
     if clustering == "channel":
         name, family = f"{name} per-row", f"SplitQuant {fit} per-row clusters (k>=2)"
-    return Method(name, family, "splitquant", bits, num_clusters, group_size, fit, clustering)
+    if range_bits is not None:
+        name, family = f"{name} r{range_bits}", family.replace(f"{fit} ", f"{fit} coded ranges ")
+    return Method(name, family, "splitquant", bits, num_clusters, group_size, fit, clustering, range_bits)
 
 
 def hqq_methods() -> list[Method]:
@@ -201,6 +232,7 @@ def frontier_methods(full: bool = False) -> list[Method]:
     methods += hqq_methods()
     methods += [splitquant_method(*t, fit) for t in triples for fit in SPLITQUANT_FITS]
     methods += [splitquant_method(*t, "mse", "channel") for t in FRONTIER_PER_ROW]
+    methods += [splitquant_method(*t, "mse", range_bits=CODED_RANGE_BITS) for t in FRONTIER_CODED]
     return methods
 
 
@@ -427,6 +459,7 @@ def apply_method(method: Method, load: Callable[[], nn.Module], workdir: Path) -
             group_size=method.group_size,
             fit=method.fit,
             clustering=method.clustering,
+            range_bits=method.range_bits,
         )
         quantize_model(model, config)
         seconds = time.perf_counter() - start
