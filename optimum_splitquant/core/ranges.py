@@ -97,11 +97,15 @@ def encode_ranges(scale: torch.Tensor, offset: torch.Tensor, spec: QuantSpec) ->
 
 def decode_ranges(coded: CodedRanges, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scale, offset)`` ``(lines, k)`` in ``spec.scale_dtype`` from their codes and steps."""
-    lines = coded.scale_codes.shape[0]
-    steps = coded.steps.float().repeat_interleave(spec.range_block, 0)[:lines]  # (lines, 2, k)
-    scale = (coded.scale_codes.float() * steps[:, 0]).to(spec.scale_dtype)
-    offset = (coded.offset_codes.float() * steps[:, 1]).to(spec.scale_dtype)
-    return scale, offset
+    lines, k = coded.scale_codes.shape
+    steps = coded.steps.float().unsqueeze(2)  # (blocks, 2, 1, k): one step pair per block of lines
+    blocks = steps.shape[0]
+
+    def decoded(codes: torch.Tensor, which: int) -> torch.Tensor:
+        c = _blocks(codes.float(), spec.range_block) if blocks * spec.range_block != lines else codes.float()
+        return (c.view(blocks, -1, k) * steps[:, which]).view(-1, k)[:lines].to(spec.scale_dtype)
+
+    return decoded(coded.scale_codes, 0), decoded(coded.offset_codes, 1)
 
 
 def range_codes_bytes(lines: int, k: int, range_bits: int) -> int:

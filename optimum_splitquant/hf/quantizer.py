@@ -252,8 +252,9 @@ class SplitQuantHfQuantizer(HfQuantizer):
         found: dict[torch.dtype, str] = {}
         for name, module in model.named_modules():
             if isinstance(module, SplitQuantModule) and module.is_quantized:
-                for buf in (module.weight_scale, module.weight_offset):
-                    found.setdefault(buf.dtype, name)
+                for buf in stored_tensors(module.spec):  # the scales and offsets, or the range steps
+                    if getattr(module, buf).is_floating_point():
+                        found.setdefault(getattr(module, buf).dtype, name)
         if not found:
             return
         names = {dtype: key for key, dtype in SCALE_DTYPES.items()}

@@ -72,10 +72,8 @@ class SplitQuantModule(nn.Module):
         new = torch.empty if torch.device(device or "cpu").type == "meta" else torch.zeros
         for name, layout in layer_tensors(out_features, in_features, spec, bias=False).items():
             self.register_buffer(name, new(layout.shape, dtype=stored[name], device=device))
-        if self.coded:  # what the kernels read, rebuilt from the codes
-            ranges = (out_features, spec.num_groups(in_features), spec.num_clusters)
-            for name in (SCALE, OFFSET):
-                self.register_buffer(name, new(ranges, dtype=spec.scale_dtype, device=device), persistent=False)
+        # With coded ranges, weight_scale / weight_offset (what the kernels read) are registered when
+        # decoded: buffers left on the meta device would cost every load a pass of transformers' own.
         if bias:
             self.bias = nn.Parameter(new(out_features, device=device, dtype=dtype), requires_grad=False)
         else:
@@ -124,14 +122,17 @@ class SplitQuantModule(nn.Module):
         """Rebuild ``weight_scale`` / ``weight_offset`` from the stored range codes (no-op unless coded)."""
         if not self.coded or self.weight_range_codes.is_meta or self.weight_range_steps.is_meta:
             return
-        lines = self.weight_scale.shape[0] * self.weight_scale.shape[1]
-        coded = unpack_range_codes(self.weight_range_codes, self.weight_range_steps, lines, self.spec)
+        shape = (self.out_features, self.spec.num_groups(self.in_features), self.spec.num_clusters)
+        coded = unpack_range_codes(self.weight_range_codes, self.weight_range_steps, shape[0] * shape[1], self.spec)
         spec = self.spec
         if coded.steps.dtype != spec.scale_dtype:  # the model was cast: decode in the steps' dtype
             spec = replace(spec, scale_dtype=coded.steps.dtype)
         scale, offset = decode_ranges(coded, spec)
-        shape = self.weight_scale.shape
-        self.weight_scale, self.weight_offset = scale.view(shape), offset.view(shape)
+        self._set_decoded(scale.view(shape), offset.view(shape))
+
+    def _set_decoded(self, scale: torch.Tensor, offset: torch.Tensor) -> None:
+        self.register_buffer(SCALE, scale, persistent=False)
+        self.register_buffer(OFFSET, offset, persistent=False)
         self._ranges_from = self._ranges_source()
 
     def _ranges_source(self) -> tuple:
@@ -168,12 +169,13 @@ class SplitQuantModule(nn.Module):
         self.clear_weight_cache_()
         device = weight.device
         self.weight_packed = q.packed.to(device)
-        self.weight_scale = q.scale.to(device)
-        self.weight_offset = q.offset.to(device)
         if self.coded:
             self.weight_range_codes = q.range_codes.to(device)
             self.weight_range_steps = q.range_steps.to(device)
-            self._ranges_from = self._ranges_source()
+            self._set_decoded(q.scale.to(device), q.offset.to(device))
+        else:
+            self.weight_scale = q.scale.to(device)
+            self.weight_offset = q.offset.to(device)
         self._parameters.pop("weight", None)
 
     def _copy_bias(self, module: nn.Module) -> None:
@@ -367,6 +369,8 @@ def validate_layers(layers: dict[str, SplitQuantModule], dtype: torch.dtype | No
     milliseconds); a layer found bad, and any other layer, go through ``validate()`` itself.
     """
     dtype = dtype or torch.float32
+    for layer in layers.values():
+        layer._ensure_ranges()
     on_cpu = [name for name, layer in layers.items() if layer.weight_packed.device.type == "cpu"]
     verdicts = dict(zip(on_cpu, _compiled_verdicts([layers[n] for n in on_cpu], dtype) or [], strict=False))
     for name, layer in layers.items():
