@@ -140,8 +140,15 @@ class SplitQuantModule(nn.Module):
         return codes.data_ptr(), codes.device, steps.data_ptr(), steps.dtype
 
     def _ensure_ranges(self) -> None:
-        """Rebuild the decoded ranges if the stored codes were replaced since (an offload hook, a load)."""
-        if self.coded and getattr(self, "_ranges_from", None) != self._ranges_source():
+        """Rebuild the decoded ranges if the stored codes were replaced since (an offload hook, a load).
+
+        Skipped while ``torch.compile`` traces (the ranges were decoded when the codes were set).
+        """
+        if (
+            self.coded
+            and not torch.compiler.is_compiling()
+            and getattr(self, "_ranges_from", None) != self._ranges_source()
+        ):
             self.rebuild_ranges_()
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]

@@ -423,6 +423,8 @@ def test_torch_compile_gives_the_same_outputs() -> None:
         SplitQuantLinear.from_float(make_linear(64, 48), QuantSpec(2, 3)),
         nn.ReLU(),
         SplitQuantLinear.from_float(make_linear(48, 40, seed=2), QuantSpec(4, 3, 16)),
+        nn.ReLU(),
+        SplitQuantLinear.from_float(make_linear(40, 32, seed=3), QuantSpec(4, 1, 8, fit="mse", range_bits=6)),
     ).eval()
     compiled = torch.compile(model, fullgraph=True)
     for shape in [(1, 64), (40, 64)]:  # the fused kernel, then dequantize + GEMM
