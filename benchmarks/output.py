@@ -32,7 +32,16 @@ __all__ = [
 #: Default budgets (effective bits per quantized weight) of the best-at-budget table.
 BUDGETS = (3.5, 4.0, 4.25, 4.5, 5.0, 6.0)
 
-_PACKAGES = ("optimum-splitquant", "torch", "transformers", "optimum-quanto", "scikit-learn", "numpy", "safetensors")
+_PACKAGES = (
+    "optimum-splitquant",
+    "torch",
+    "transformers",
+    "optimum-quanto",
+    "hqq",
+    "scikit-learn",
+    "numpy",
+    "safetensors",
+)
 
 
 def proc_status_kib(*keys: str) -> dict[str, int]:

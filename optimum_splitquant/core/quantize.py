@@ -117,6 +117,8 @@ def quantize_weight(weight: torch.Tensor, spec: QuantSpec, ids: torch.Tensor | N
         wc = w[r0 : r0 + step].to(torch.float32)
         if ids is not None:
             idc = ids[r0 : r0 + step]
+        elif k == 1:  # one cluster: every id is 0 (a view, no memory)
+            idc = _zero_ids(wc)
         else:
             idc = assign_clusters(wc, bounds if bounds.shape[0] == 1 else bounds[r0 : r0 + step])
         parts.append(_quantize_rows(wc, idc, spec, groups))
@@ -146,11 +148,14 @@ def _quantize_rows(w: torch.Tensor, ids: torch.Tensor, spec: QuantSpec, groups: 
     rows = out_f * groups  # one line per (row, group): its k slots, its weights and their ids
     idg = ids.reshape(rows, -1)
     wg = w.reshape(rows, -1)
-    lo = torch.full((rows, k), torch.inf, device=w.device).scatter_reduce_(1, idg, wg, "amin")
-    hi = torch.full((rows, k), -torch.inf, device=w.device).scatter_reduce_(1, idg, wg, "amax")
-    empty = torch.isinf(lo)
-    lo.masked_fill_(empty, 0.0)
-    hi.masked_fill_(empty, 0.0)
+    if k == 1:  # every weight in the one slot of its line
+        lo, hi = (t.unsqueeze(1) for t in torch.aminmax(wg, dim=1))
+    else:
+        lo = torch.full((rows, k), torch.inf, device=w.device).scatter_reduce_(1, idg, wg, "amin")
+        hi = torch.full((rows, k), -torch.inf, device=w.device).scatter_reduce_(1, idg, wg, "amax")
+        empty = torch.isinf(lo)
+        lo.masked_fill_(empty, 0.0)
+        hi.masked_fill_(empty, 0.0)
     coded = None
     if spec.fit == "mse":
         idg, codes, offset, scale = _fit_best_start(wg, idg, lo, hi, spec)
@@ -160,7 +165,9 @@ def _quantize_rows(w: torch.Tensor, ids: torch.Tensor, spec: QuantSpec, groups: 
         offset, scale = _stored_range(lo, hi, spec)
         codes = _codes(wg, offset.float().gather(1, idg), scale.float().gather(1, idg), spec)
     offset, scale = offset.view(out_f, groups, k), scale.view(out_f, groups, k)
-    symbols = (idg.to(torch.int32) << spec.bits).bitwise_or_(codes.to(torch.int32))
+    symbols = codes.to(torch.int32)
+    if k > 1:
+        symbols.bitwise_or_(idg.to(torch.int32) << spec.bits)
     packed = pack_rows(symbols.reshape(out_f, in_f), spec.symbol_width)
     return (packed, scale, offset) if coded is None else (packed, scale, offset, coded)
 
@@ -193,10 +200,8 @@ def _fit_best_start(
     ``lo`` / ``hi`` are each (line, cluster) slot's member minimum and maximum (0 for empty slots).
     """
     mid = (lo + hi) / 2
-    ranges = [
-        _stored_range(mid + (lo - mid) * kept, mid + (hi - mid) * kept, spec, spare) for kept, spare in FIT_STARTS
-    ]
-    offsets, scales = (torch.stack(t) for t in zip(*ranges, strict=True))
+    kept, spare = (torch.tensor(t, device=w.device).view(-1, 1, 1) for t in zip(*FIT_STARTS, strict=True))
+    offsets, scales = _stored_range(mid + (lo - mid) * kept, mid + (hi - mid) * kept, spec, spare)
     trial = min(FIT_TRIAL_ITERATIONS, FIT_ITERATIONS)
     if w.device.type == "cpu":
         from .. import kernels  # optional compiled ops (a leaf: torch only)
@@ -213,8 +218,8 @@ def _fit_best_start(
         fit = _fit_mse(w, ids, codes, offset, scale, spec, trial)
         f_ids, f_codes, f_off, f_scale = fit
         rebuilt = f_off.float().gather(1, f_ids) + f_codes * f_scale.float().gather(1, f_ids)
-        # Summed in element order (a running sum), as the compiled kernel sums: the same choice on both paths.
-        err = (w - rebuilt).double().square_().cumsum(1)[:, -1:]
+        # Summed over lanes as the compiled kernel sums: the same choice on both paths.
+        err = _lane_sums((w - rebuilt).double().square_())
         if best is None:
             best, best_err = list(fit), err
             continue
@@ -242,13 +247,17 @@ def _fit_mse(
     Returns ``(ids, codes, offset, scale)``; the codes are the nearest ones under the stored ranges.
     """
     lines, k = offset.shape
+    # Every (line, cluster) sum is split over SUM_LANES running sums, element i in lane i % SUM_LANES.
+    lane = torch.arange(w.shape[1], device=w.device) % SUM_LANES
     line_base = torch.arange(lines, device=w.device).unsqueeze(1) * k
     wd = w.to(torch.float64).view(-1)
     for _ in range(iterations):
-        slot = (ids + line_base).view(-1)
+        slot = ((ids + line_base) * SUM_LANES + lane).view(-1)
         c = codes.to(torch.float64).view(-1)
         n, sc, sw, scc, scw = (
-            torch.bincount(slot, weights=x, minlength=lines * k).to(torch.float64).view(lines, k)
+            _add_lanes(torch.bincount(slot, weights=x, minlength=lines * k * SUM_LANES).to(torch.float64)).view(
+                lines, k
+            )
             for x in (None, c, wd, c * c, c * wd)
         )
         var = n * scc - sc * sc
@@ -261,6 +270,28 @@ def _fit_mse(
             raise ValueError(_overflow_message(spec))
         ids, codes = _nearest_levels(w, offset.float(), scale.float(), spec)
     return ids, codes, offset, scale
+
+
+SUM_LANES = 8
+"""Running sums per total in the fit's double sums (element ``i`` of a line in lane ``i % SUM_LANES``), added
+pairwise, ``((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))``: the compiled kernel's independent chains,
+the same bits here."""
+
+
+def _add_lanes(sums: torch.Tensor) -> torch.Tensor:
+    """Totals of lane sums laid out last, ``SUM_LANES`` per total, added pairwise."""
+    a = sums.view(-1, SUM_LANES)
+    while a.shape[1] > 1:
+        a = a[:, 0::2] + a[:, 1::2]
+    return a[:, 0]
+
+
+def _lane_sums(x: torch.Tensor) -> torch.Tensor:
+    """``(lines, 1)`` totals of the rows of ``x`` (float64), each summed in element order over the lanes."""
+    lines, g = x.shape
+    padded = torch.nn.functional.pad(x, (0, -g % SUM_LANES))  # + 0.0 leaves a sum of squares unchanged
+    per_lane = padded.view(lines, -1, SUM_LANES).cumsum(1)[:, -1]  # a running sum per lane
+    return _add_lanes(per_lane).view(lines, 1)
 
 
 def _fit_coded(
@@ -288,7 +319,14 @@ def _nearest_levels(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ids, codes)`` of the level nearest to each weight among its line's clusters (lowest id on ties)."""
     if spec.num_clusters == 1:
-        return torch.zeros(w.shape, dtype=torch.int64, device=w.device), _codes(w, offset, scale, spec)
+        if w.device.type == "cpu":
+            from .. import kernels
+
+            # No rounds from one start: the nearest codes, in one compiled pass.
+            fitted = kernels.fit_mse_starts(w, _zero_ids(w), offset[None], scale[None], spec.bits, 0, 0)
+            if fitted is not None:
+                return fitted[0], fitted[1]
+        return _zero_ids(w), _codes(w, offset, scale, spec)
     best_err = best_ids = best_codes = None
     for j in range(spec.num_clusters):
         off_j, scale_j = offset[:, j : j + 1], scale[:, j : j + 1]
@@ -302,6 +340,11 @@ def _nearest_levels(
         best_ids = best_ids.masked_fill(better, j)
         best_codes = torch.where(better, code, best_codes)
     return best_ids, best_codes
+
+
+def _zero_ids(w: torch.Tensor) -> torch.Tensor:
+    """Cluster ids of a one-cluster fit: 0 for every weight of ``w``, as an expanded (read-only) view."""
+    return torch.zeros((), dtype=torch.int64, device=w.device).expand(w.shape)
 
 
 def decode_symbols(packed: torch.Tensor, in_features: int, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -350,17 +393,19 @@ def _checked(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _stored_range(
-    lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, spare: int = 0
+    lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, spare: int | torch.Tensor = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Offset rounded down and scale rounded up to ``spec.scale_dtype`` so the grid covers ``[lo, hi]``.
 
-    ``spare`` top codes are left past ``hi`` (the range spans ``levels - 1 - spare`` steps).
+    ``spare`` top codes are left past ``hi`` (the range spans ``levels - 1 - spare`` steps); a tensor of
+    spares broadcasts against ``lo`` and ``hi``.
     """
     dt = spec.scale_dtype
     offset = lo.to(dt)
     too_high = offset.float() > lo
     offset = torch.where(too_high, torch.nextafter(offset, torch.full_like(offset, -torch.inf)), offset)
-    exact = (hi - offset.float()) / max(spec.levels - 1 - spare, 1)
+    steps = spec.levels - 1 - spare
+    exact = (hi - offset.float()) / (steps.clamp(min=1).float() if torch.is_tensor(steps) else max(steps, 1))
     scale = exact.to(dt)
     too_low = scale.float() < exact
     scale = torch.where(too_low, torch.nextafter(scale, torch.full_like(scale, torch.inf)), scale)

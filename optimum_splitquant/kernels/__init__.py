@@ -230,9 +230,10 @@ def fit_mse_starts(
     ``w``: float32 ``(lines, g)`` weights; ``ids``: their int64 cluster ids; ``offsets`` / ``scales``:
     ``(starts, lines, k)`` in the storage dtype. Every start gets nearest codes in each weight's own
     cluster and ``trial`` rounds; each line keeps its start with the least squared error (double,
-    summed in element order, the first on ties), refitted for ``iters - trial`` more rounds. Returns
-    ``(ids, codes, offset, scale)``, the same bits as ``core.quantize``'s pure-torch search; raises
-    ``RuntimeError`` if a range overflows the storage dtype.
+    summed over ``core.quantize.SUM_LANES`` lanes, the first on ties), refitted for ``iters - trial``
+    more rounds. Returns ``(ids, codes, offset, scale)``, the same bits as ``core.quantize``'s
+    pure-torch search; with one cluster (``k = 1``) the ids are not read and come back as an expanded
+    (read-only) 0. Raises ``RuntimeError`` if a range overflows the storage dtype.
     """
     if torch.compiler.is_compiling() or not available():
         return None

@@ -111,6 +111,9 @@ def _flags(openmp: bool) -> list[str]:
         "-w",
         # No fused multiply-add contraction: dequantized weights must round exactly as in torch.
         "-ffp-contract=off",
+        # Floating-point exceptions are never inspected: clamps become min / max and their loops vectorize
+        # (the values are the same; only the status flags an operation could raise are not kept).
+        "-fno-trapping-math",
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
     ]
     if openmp:

@@ -3,7 +3,9 @@
 // Compiled into the same library as splitquant_cpu.cpp (see _build.py, -ffp-contract=off). The same
 // rounds as core/quantize.py's _fit_mse, with the same operations in the same order, so both give the
 // same bits: per line (one row, or one range group of a row) and cluster j, sums over the members in
-// element order, in double,
+// double, each split over LANES running sums (element i goes to lane i % LANES, in element order) that
+// are then added pairwise, ((lane 0 + lane 1) + (lane 2 + lane 3)) + ((4 + 5) + (6 + 7)): independent
+// chains that pipeline and vectorize,
 //     n, sum c, sum w, sum c*c, sum c*w           (c = code, w = weight as double)
 //     scale  = var > 0 ? (n*scw - sc*sw) / var : old scale,   var = n*scc - sc*sc;  scale = scale > 0 ? scale : 0
 //     offset = n > 0 ? (sw - scale*sc) / max(n, 1) : old offset
@@ -12,12 +14,13 @@
 // (fp32 arithmetic, round half to even, lowest j on ties).
 // fit_mse_starts runs those rounds from several starting ranges per line (core/quantize.py's
 // FIT_STARTS search): nearest codes in each weight's own cluster, `trial` rounds, the start with the
-// least squared error (a running double sum in element order; the first on ties), then the rest.
+// least squared error (a double sum over the same lanes; the first on ties), then the rest.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -26,16 +29,33 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
+constexpr int64_t LANES = 8;  // running sums per total (core/quantize.py's SUM_LANES)
+
+inline double lanes_total(const double* a) {
+  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
+// On x86-64 Linux the one-range (k == 1) line fit, the bulk of the work, is also compiled for AVX2 and
+// picked at run time (the same operations, hence the same bits, on wider vectors).
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define SQ_WIDE_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define SQ_WIDE_CLONES
+#endif
+#define SQ_INLINE inline __attribute__((always_inline))
+
 // Nearest code of `steps` in [0, top], ties to even: torch's round() then clamp(0, top). Clamped to
 // [-1, top + 1] first (the same result after the final clamp), where adding and subtracting 1.5 * 2^23
-// rounds to an integer in float arithmetic (round-to-nearest-even mode). (GCC keeps the clamps as
-// branches under its default trapping math, so the loops calling it run scalar.)
-inline float nearest_code(float steps, float top) {
+// rounds to an integer in float arithmetic (round-to-nearest-even mode). (The clamps become min / max
+// instructions, and the loops calling it vectorize, under -fno-trapping-math: see _build.py.)
+SQ_INLINE float nearest_code(float steps, float top) {
   const float magic = 12582912.0f;  // 1.5 * 2^23
   const float bounded = std::min(std::max(steps, -1.0f), top + 1.0f);
   const float rounded = (bounded + magic) - magic;
@@ -43,7 +63,7 @@ inline float nearest_code(float steps, float top) {
 }
 
 // Nearest codes of a line with one range (k == 1), as assign_line computes them.
-inline void codes_line(const float* __restrict wl, float* __restrict cl, int64_t g, float o, float s, float top) {
+SQ_INLINE void codes_line(const float* __restrict wl, float* __restrict cl, int64_t g, float o, float s, float top) {
   const float ok = s > 0 ? 1.0f : 0.0f, div = s > 0 ? s : 1.0f;
   for (int64_t i = 0; i < g; ++i) cl[i] = nearest_code(ok * ((wl[i] - o) / div), top);
 }
@@ -90,44 +110,190 @@ void assign_line(const float* __restrict wl, float* __restrict cl, float* __rest
 }
 
 // Scratch space of one thread: per-cluster sums and ranges, per-weight best error and cluster.
+// The sums hold LANES entries per cluster (cluster j, lane l at j * LANES + l).
 struct Scratch {
   std::vector<double> n, sc, sw, scc, scw;
   std::vector<float> off, sca, best_err, best_j;
-  Scratch(int64_t k, int64_t g) : n(k), sc(k), sw(k), scc(k), scw(k), off(k), sca(k), best_err(g), best_j(g) {}
+  Scratch(int64_t k, int64_t g)
+      : n(k * LANES), sc(k * LANES), sw(k * LANES), scc(k * LANES), scw(k * LANES), off(k), sca(k), best_err(g),
+        best_j(g) {}
 };
 
-// `iters` refit / reassign rounds of one line (see the top of the file), in place.
+// Half the lanes as vectors (GCC / clang vector extensions: one AVX register, two SSE ones); lanes
+// 0-3 and 4-7 run in two such vectors.
+typedef float half_f __attribute__((vector_size(4 * sizeof(float))));
+typedef double half_d __attribute__((vector_size(4 * sizeof(double))));
+static_assert(LANES == 8, "two vectors of 4 lanes");
+
+SQ_INLINE half_f load4(const float* p) {
+  half_f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+SQ_INLINE void store_lanes(double* out, const half_d& lo, const half_d& hi) {
+  std::memcpy(out, &lo, sizeof(lo));
+  std::memcpy(out + 4, &hi, sizeof(hi));
+}
+
+// Lane sums of one line with one range (k == 1): independent chains, vectorized. (The count n is g;
+// the sums of codes and squared codes are exact integers, the same in any order.)
+SQ_INLINE void sums_line(const float* __restrict wl, const float* __restrict cl, int64_t g, double* __restrict n,
+                         double* __restrict sc, double* __restrict sw, double* __restrict scc,
+                         double* __restrict scw) {
+  half_d c0 = {}, c1 = {}, w0 = {}, w1 = {}, cc0 = {}, cc1 = {}, cw0 = {}, cw1 = {};
+  int64_t i = 0;
+  for (; i + LANES <= g; i += LANES) {
+    const half_d ca = __builtin_convertvector(load4(cl + i), half_d);
+    const half_d cb = __builtin_convertvector(load4(cl + i + 4), half_d);
+    const half_d xa = __builtin_convertvector(load4(wl + i), half_d);
+    const half_d xb = __builtin_convertvector(load4(wl + i + 4), half_d);
+    c0 += ca, c1 += cb, w0 += xa, w1 += xb;
+    cc0 += ca * ca, cc1 += cb * cb, cw0 += ca * xa, cw1 += cb * xb;
+  }
+  double tc[LANES], tw[LANES], tcc[LANES], tcw[LANES];
+  store_lanes(tc, c0, c1), store_lanes(tw, w0, w1), store_lanes(tcc, cc0, cc1), store_lanes(tcw, cw0, cw1);
+  for (int64_t l = 0; i < g; ++i, ++l) {
+    const double c = static_cast<double>(cl[i]);
+    const double x = static_cast<double>(wl[i]);
+    tc[l] += c;
+    tw[l] += x;
+    tcc[l] += c * c;
+    tcw[l] += c * x;
+  }
+  *n = static_cast<double>(g);
+  *sc = lanes_total(tc), *sw = lanes_total(tw), *scc = lanes_total(tcc), *scw = lanes_total(tcw);
+}
+
+// Squared error of a line with one range (k == 1) against its levels, over the lanes.
+SQ_INLINE double error_line(const float* __restrict wl, const float* __restrict cl, int64_t g, float o, float s) {
+  half_d e0 = {}, e1 = {};
+  int64_t i = 0;
+  for (; i + LANES <= g; i += LANES) {
+    const half_d da = __builtin_convertvector(load4(wl + i) - (o + load4(cl + i) * s), half_d);
+    const half_d db = __builtin_convertvector(load4(wl + i + 4) - (o + load4(cl + i + 4) * s), half_d);
+    e0 += da * da, e1 += db * db;
+  }
+  double t[LANES];
+  store_lanes(t, e0, e1);
+  for (int64_t l = 0; i < g; ++i, ++l) {
+    const double d = static_cast<double>(wl[i] - (o + cl[i] * s));
+    t[l] += d * d;
+  }
+  return lanes_total(t);
+}
+
+// Squared error of a line with k > 1 clusters against its levels, over the same lanes.
+inline double error_line(const float* __restrict wl, const int64_t* __restrict il, const float* __restrict cl,
+                         int64_t g, const float* of, const float* sf) {
+  double acc[LANES] = {};
+  for (int64_t i = 0; i < g; ++i) {
+    const int64_t j = il[i];
+    const double d = static_cast<double>(wl[i] - (of[j] + cl[i] * sf[j]));
+    acc[i % LANES] += d * d;
+  }
+  return lanes_total(acc);
+}
+
+// Storage dtype of the ranges, for the one-range path (not a template: see SQ_WIDE_CLONES).
+enum class Store { kHalf, kBFloat16, kFloat };
+
+template <class T>
+constexpr Store store_of() {
+  if constexpr (std::is_same_v<T, c10::Half>) return Store::kHalf;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) return Store::kBFloat16;
+  return Store::kFloat;
+}
+
+// `v` rounded to the storage dtype and back (exact on the way back).
+SQ_INLINE float stored_as(float v, Store st) {
+  switch (st) {
+    case Store::kHalf:
+      return static_cast<float>(c10::Half(v));
+    case Store::kBFloat16:
+      return static_cast<float>(c10::BFloat16(v));
+    default:
+      return v;
+  }
+}
+
+// One refit of a line's single range (o, s) to its codes (see the top of the file); false on overflow.
+SQ_INLINE bool refit_line(const float* __restrict wl, const float* __restrict cl, int64_t g, float& o, float& s,
+                          Store st) {
+  double n, sc, sw, scc, scw;
+  sums_line(wl, cl, g, &n, &sc, &sw, &scc, &scw);
+  const double var = n * scc - sc * sc;
+  double sd = var > 0 ? (n * scw - sc * sw) / var : static_cast<double>(s);
+  sd = sd > 0 ? sd : 0.0;
+  const double od = n > 0 ? (sw - sd * sc) / std::max(n, 1.0) : static_cast<double>(o);
+  s = stored_as(static_cast<float>(sd), st);  // through float, as torch's double -> half / bfloat16 copy
+  o = stored_as(static_cast<float>(od), st);
+  return std::isfinite(s) && std::isfinite(o);
+}
+
+// Lines fitted together by fit_block: their independent refits overlap in the pipeline.
+constexpr int64_t MAX_BLOCK = 16;
+
+// The whole fit of `nb` <= MAX_BLOCK consecutive lines with one range each (k == 1), the same rounds as
+// fit_rounds: `starts` starting ranges per line (o0 / s0 [start * nb + line], values of the storage
+// dtype), each with nearest codes and `trial` rounds; each line's start with the least squared error
+// (the first on ties) gets `rest` more rounds. Codes to `codes` (tmp: nb * g floats of scratch), ranges
+// to o_out / s_out; false if a range overflowed the storage dtype.
+SQ_WIDE_CLONES bool fit_block(const float* __restrict w, int64_t nb, int64_t g, const float* o0, const float* s0,
+                              int64_t starts, int64_t trial, int64_t rest, float top, Store st,
+                              float* __restrict codes, float* __restrict tmp, float* o_out, float* s_out) {
+  bool ok = true;
+  double best[MAX_BLOCK];
+  float o[MAX_BLOCK], s[MAX_BLOCK];
+  for (int64_t i = 0; i < starts; ++i) {
+    for (int64_t b = 0; b < nb; ++b) {
+      o[b] = o0[i * nb + b], s[b] = s0[i * nb + b];
+      codes_line(w + b * g, tmp + b * g, g, o[b], s[b], top);
+    }
+    for (int64_t r = 0; r < trial; ++r) {
+      for (int64_t b = 0; b < nb; ++b) ok &= refit_line(w + b * g, tmp + b * g, g, o[b], s[b], st);
+      for (int64_t b = 0; b < nb; ++b) codes_line(w + b * g, tmp + b * g, g, o[b], s[b], top);
+    }
+    for (int64_t b = 0; b < nb; ++b) {
+      const double err = error_line(w + b * g, tmp + b * g, g, o[b], s[b]);
+      if (i == 0 || err < best[b]) {
+        best[b] = err, o_out[b] = o[b], s_out[b] = s[b];
+        std::copy(tmp + b * g, tmp + (b + 1) * g, codes + b * g);
+      }
+    }
+  }
+  for (int64_t r = 0; r < rest; ++r) {
+    for (int64_t b = 0; b < nb; ++b) ok &= refit_line(w + b * g, codes + b * g, g, o_out[b], s_out[b], st);
+    for (int64_t b = 0; b < nb; ++b) codes_line(w + b * g, codes + b * g, g, o_out[b], s_out[b], top);
+  }
+  return ok;
+}
+
+// `iters` refit / reassign rounds of one line with k > 1 clusters (see the top of the file), in place.
 template <class T>
 void fit_rounds(const float* wl, int64_t* il, float* cl, T* ol, T* sl, int64_t g, int64_t k, float top, int64_t iters,
                 Scratch& t, std::atomic<bool>& overflow) {
   for (int64_t it = 0; it < iters; ++it) {
-    if (k == 1) {  // one slot: the same sums in the same order, without the indexing
-      double n0 = 0.0, sc0 = 0.0, sw0 = 0.0, scc0 = 0.0, scw0 = 0.0;
-      for (int64_t i = 0; i < g; ++i) {
-        const double c = static_cast<double>(cl[i]);
-        const double x = static_cast<double>(wl[i]);
-        n0 += 1.0;
-        sc0 += c;
-        sw0 += x;
-        scc0 += c * c;
-        scw0 += c * x;
-      }
-      t.n[0] = n0, t.sc[0] = sc0, t.sw[0] = sw0, t.scc[0] = scc0, t.scw[0] = scw0;
-    } else {
+    {
       std::fill(t.n.begin(), t.n.end(), 0.0);
       std::fill(t.sc.begin(), t.sc.end(), 0.0);
       std::fill(t.sw.begin(), t.sw.end(), 0.0);
       std::fill(t.scc.begin(), t.scc.end(), 0.0);
       std::fill(t.scw.begin(), t.scw.end(), 0.0);
       for (int64_t i = 0; i < g; ++i) {
-        const int64_t j = il[i];
+        const int64_t at = il[i] * LANES + i % LANES;
         const double c = static_cast<double>(cl[i]);
         const double x = static_cast<double>(wl[i]);
-        t.n[j] += 1.0;
-        t.sc[j] += c;
-        t.sw[j] += x;
-        t.scc[j] += c * c;
-        t.scw[j] += c * x;
+        t.n[at] += 1.0;
+        t.sc[at] += c;
+        t.sw[at] += x;
+        t.scc[at] += c * c;
+        t.scw[at] += c * x;
+      }
+      for (int64_t j = 0; j < k; ++j) {  // total j into entry j (a lane of a cluster before j: already read)
+        const int64_t at = j * LANES;
+        t.n[j] = lanes_total(&t.n[at]), t.sc[j] = lanes_total(&t.sc[at]), t.sw[j] = lanes_total(&t.sw[at]);
+        t.scc[j] = lanes_total(&t.scc[at]), t.scw[j] = lanes_total(&t.scw[at]);
       }
     }
     for (int64_t j = 0; j < k; ++j) {
@@ -142,10 +308,6 @@ void fit_rounds(const float* wl, int64_t* il, float* cl, T* ol, T* sl, int64_t g
       t.sca[j] = static_cast<float>(sv);
       t.off[j] = static_cast<float>(ov);
       if (!std::isfinite(t.sca[j]) || !std::isfinite(t.off[j])) overflow = true;
-    }
-    if (k == 1) {  // one range: every weight keeps cluster 0, only its code moves
-      codes_line(wl, cl, g, t.off[0], t.sca[0], top);
-      continue;
     }
     assign_line(wl, cl, t.best_err.data(), t.best_j.data(), g, t.off.data(), t.sca.data(), k, top);
     for (int64_t i = 0; i < g; ++i) il[i] = static_cast<int64_t>(t.best_j[i]);
@@ -163,13 +325,32 @@ inline void as_float(const T* off, const T* sca, float* of, float* sf, int64_t k
 
 // Several starting ranges per line (starts x lines x k): each start's codes are the nearest ones of
 // every weight in its own cluster, then `trial` rounds; the start with the least squared error
-// (double, summed in element order; the first on ties) gets the remaining `iters - trial` rounds.
+// (double, summed over the lanes; the first on ties) gets the remaining `iters - trial` rounds.
+// With k == 1, ids0 and ids are not used (null).
 template <class T>
 void fit_lines_starts(const float* w, const int64_t* ids0, const T* offsets, const T* scales, int64_t starts,
                       int64_t* ids, float* codes, T* offset, T* scale, int64_t lines, int64_t g, int64_t k,
                       int64_t levels, int64_t trial, int64_t iters, std::atomic<bool>& overflow) {
   const float top = static_cast<float>(levels - 1);
   at::parallel_for(0, lines, std::max<int64_t>(1, 16384 / std::max<int64_t>(g, 1)), [&](int64_t l0, int64_t l1) {
+    if (k == 1) {  // one range per line: blocks of lines through fit_block
+      const int64_t block = std::clamp<int64_t>(4096 / std::max<int64_t>(g, 1), 1, MAX_BLOCK);
+      std::vector<float> o0(starts * block), s0(starts * block), tmp(block * g), ob(block), sb(block);
+      for (int64_t l = l0; l < l1; l += block) {
+        const int64_t nb = std::min(block, l1 - l);
+        for (int64_t st = 0; st < starts; ++st) {
+          for (int64_t b = 0; b < nb; ++b) {
+            o0[st * nb + b] = static_cast<float>(offsets[st * lines + l + b]);
+            s0[st * nb + b] = static_cast<float>(scales[st * lines + l + b]);
+          }
+        }
+        if (!fit_block(w + l * g, nb, g, o0.data(), s0.data(), starts, trial, iters - trial, top, store_of<T>(),
+                       codes + l * g, tmp.data(), ob.data(), sb.data()))
+          overflow = true;
+        for (int64_t b = 0; b < nb; ++b) offset[l + b] = T(ob[b]), scale[l + b] = T(sb[b]);  // exact: values of T
+      }
+      return;
+    }
     Scratch t(k, g);
     std::vector<int64_t> il(g);
     std::vector<float> cl(g);
@@ -179,25 +360,16 @@ void fit_lines_starts(const float* w, const int64_t* ids0, const T* offsets, con
       const float* wl = w + l * g;
       double best = 0.0;
       for (int64_t st = 0; st < starts; ++st) {
-        const T* o0 = offsets + (st * lines + l) * k;
-        const T* s0 = scales + (st * lines + l) * k;
-        std::copy(o0, o0 + k, ol.begin());
-        std::copy(s0, s0 + k, sl.begin());
+        const T* o0p = offsets + (st * lines + l) * k;
+        const T* s0p = scales + (st * lines + l) * k;
+        std::copy(o0p, o0p + k, ol.begin());
+        std::copy(s0p, s0p + k, sl.begin());
         std::copy(ids0 + l * g, ids0 + (l + 1) * g, il.begin());
         as_float(ol.data(), sl.data(), of.data(), sf.data(), k);
-        if (k == 1) {  // one range: the same arithmetic without the per-weight look-up
-          codes_line(wl, cl.data(), g, of[0], sf[0], top);
-        } else {
-          own_cluster_codes(wl, il.data(), cl.data(), g, of.data(), sf.data(), top);
-        }
+        own_cluster_codes(wl, il.data(), cl.data(), g, of.data(), sf.data(), top);
         fit_rounds(wl, il.data(), cl.data(), ol.data(), sl.data(), g, k, top, trial, t, overflow);
         as_float(ol.data(), sl.data(), of.data(), sf.data(), k);
-        double err = 0.0;
-        for (int64_t i = 0; i < g; ++i) {
-          const int64_t j = k == 1 ? 0 : il[i];
-          const double d = static_cast<double>(wl[i] - (of[j] + cl[i] * sf[j]));
-          err += d * d;
-        }
+        const double err = error_line(wl, il.data(), cl.data(), g, of.data(), sf.data());
         if (st == 0 || err < best) {
           best = err;
           std::copy(il.begin(), il.end(), ids + l * g);
@@ -223,12 +395,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fit_mse_starts_cpu(co
   TORCH_CHECK(offsets.scalar_type() == scales.scalar_type(), "offsets and scales must share a dtype");
   TORCH_CHECK(bits >= 1 && bits <= 16 && trial >= 0 && iters >= trial, "bad bits or rounds");
   const int64_t starts = offsets.size(0), lines = w.size(0), g = w.size(1), k = offsets.size(2);
-  const at::Tensor wc = w.contiguous(), ids0 = ids.contiguous(), oc = offsets.contiguous(), sc = scales.contiguous();
-  if (ids0.numel()) {
+  const at::Tensor wc = w.contiguous(), oc = offsets.contiguous(), sc = scales.contiguous();
+  // One range per line (k == 1): every id is 0; they are neither read nor written (an expanded 0 comes back).
+  const at::Tensor ids0 = k == 1 ? ids : ids.contiguous();
+  if (k != 1 && ids0.numel()) {
     const auto mm = ids0.aminmax();
     TORCH_CHECK(std::get<0>(mm).item<int64_t>() >= 0 && std::get<1>(mm).item<int64_t>() < k, "ids out of range");
   }
-  at::Tensor ids_out = at::empty_like(ids0);
+  at::Tensor ids_out = k == 1 ? at::zeros({}, ids.options()).expand(ids.sizes()) : at::empty_like(ids0);
   at::Tensor codes_out = at::empty_like(wc);
   at::Tensor off_out = at::empty({lines, k}, oc.options());
   at::Tensor scale_out = at::empty({lines, k}, oc.options());
@@ -237,8 +411,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fit_mse_starts_cpu(co
   if (lines && g && k) {
     switch (oc.scalar_type()) {
 #define SQ_FIT_STARTS(TYPE)                                                                                        \
-  fit_lines_starts(wc.data_ptr<float>(), ids0.data_ptr<int64_t>(), oc.data_ptr<TYPE>(), sc.data_ptr<TYPE>(), starts, \
-                   ids_out.data_ptr<int64_t>(), codes_out.data_ptr<float>(), off_out.data_ptr<TYPE>(),              \
+  fit_lines_starts(wc.data_ptr<float>(), k == 1 ? nullptr : ids0.data_ptr<int64_t>(), oc.data_ptr<TYPE>(),        \
+                   sc.data_ptr<TYPE>(), starts, k == 1 ? nullptr : ids_out.data_ptr<int64_t>(),                     \
+                   codes_out.data_ptr<float>(), off_out.data_ptr<TYPE>(),                                           \
                    scale_out.data_ptr<TYPE>(), lines, g, k, levels, trial, iters, overflow)
       case at::kHalf:
         SQ_FIT_STARTS(c10::Half);
@@ -254,7 +429,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fit_mse_starts_cpu(co
         TORCH_CHECK(false, "offsets and scales must be float16, bfloat16 or float32");
     }
   } else {
-    ids_out.copy_(ids0);
+    if (k != 1) ids_out.copy_(ids0);
     codes_out.zero_();
     off_out.copy_(oc[0]);
     scale_out.copy_(sc[0]);

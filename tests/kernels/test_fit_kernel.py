@@ -61,3 +61,39 @@ def test_best_start_kernel_bit_identical_to_torch(k, bits, dtype, width, monkeyp
     monkeypatch.setattr(kernels, "available", lambda: False)
     reference = quantize_module._fit_best_start(w, ids, lo, hi, spec)
     assert_same_fit(native, reference)
+
+
+SAME_BYTES = [
+    ((75, 96), QuantSpec(4, 1, 32, fit="mse")),
+    ((75, 96), QuantSpec(3, 1, 16, fit="mse", range_bits=6)),
+    ((75, 96), QuantSpec(5, 1, 8, scale_dtype=torch.bfloat16, fit="mse")),
+    ((75, 96), QuantSpec(2, 4, 48, fit="mse", range_bits=6)),
+    ((9, 77), QuantSpec(4, 1, fit="mse", scale_dtype=torch.float32)),
+    ((9, 77), QuantSpec(3, 3, fit="mse")),
+]
+
+
+@pytest.mark.parametrize(("shape", "spec"), SAME_BYTES, ids=[f"{s}-{p}" for s, p in SAME_BYTES])
+def test_quantize_weight_same_bytes_with_and_without_kernels(shape, spec, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whole layers (many blocks of lines, ragged lane tails, coded ranges) store the same bytes on both paths."""
+    from optimum_splitquant.core import quantize_weight
+
+    gen = torch.Generator().manual_seed(shape[1])
+    w = 0.05 * torch.randn(*shape, generator=gen)
+    w.view(-1)[::13] *= 8
+    native = quantize_weight(w, spec)
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    reference = quantize_weight(w, spec)
+    for name in ("packed", "scale", "offset", "range_codes", "range_steps"):
+        a, b = getattr(native, name), getattr(reference, name)
+        assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a, b)), name
+
+
+def test_one_range_fit_returns_zero_ids_without_storing_them() -> None:
+    """With one cluster the kernel neither reads nor stores ids: they come back as an expanded 0."""
+    spec = QuantSpec(4, 1, fit="mse")
+    w, ids, _, offset, scale = start(spec, 40, 32, seed=3)
+    out_ids, codes, *_ = kernels.fit_mse_starts(w, ids, offset[None], scale[None], spec.bits, 1, 2)
+    assert out_ids.shape == w.shape and out_ids.dtype == torch.int64 and not bool(out_ids.any())
+    assert out_ids.stride() == (0, 0)
+    assert codes.shape == w.shape
