@@ -22,6 +22,7 @@ every weight is within half a (stored) step of its reconstruction. A cluster wit
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -199,19 +200,23 @@ def _fit_best_start(
 
     ``lo`` / ``hi`` are each (line, cluster) slot's member minimum and maximum (0 for empty slots).
     """
-    mid = (lo + hi) / 2
-    kept, spare = (torch.tensor(t, device=w.device).view(-1, 1, 1) for t in zip(*FIT_STARTS, strict=True))
-    offsets, scales = _stored_range(mid + (lo - mid) * kept, mid + (hi - mid) * kept, spec, spare)
     trial = min(FIT_TRIAL_ITERATIONS, FIT_ITERATIONS)
     if w.device.type == "cpu":
         from .. import kernels  # optional compiled ops (a leaf: torch only)
 
+        starts = None
+        kept, spare = (list(t) for t in zip(*FIT_STARTS, strict=True))
+        with contextlib.suppress(RuntimeError):  # a range past the storage dtype: _start_ranges names it
+            starts = kernels.start_ranges(lo, hi, kept, spare, spec.bits, spec.scale_dtype)
+        offsets, scales = starts if starts is not None else _start_ranges(lo, hi, spec)
         try:
             fitted = kernels.fit_mse_starts(w, ids, offsets, scales, spec.bits, trial, FIT_ITERATIONS)
         except RuntimeError as exc:  # the only failure of valid inputs: a range past the storage dtype
             raise ValueError(_overflow_message(spec)) from exc
         if fitted is not None:
             return fitted
+    else:
+        offsets, scales = _start_ranges(lo, hi, spec)
     best = best_err = None
     for offset, scale in zip(offsets, scales, strict=True):
         codes = _codes(w, offset.float().gather(1, ids), scale.float().gather(1, ids), spec)
@@ -227,6 +232,13 @@ def _fit_best_start(
         best_err = torch.where(better, err, best_err)
         best = [torch.where(better, new, old) for new, old in zip(fit, best, strict=True)]
     return _fit_mse(w, *best, spec, FIT_ITERATIONS - trial)
+
+
+def _start_ranges(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(offsets, scales)`` ``(starts, lines, k)`` of every :data:`FIT_STARTS` grid of each slot ``[lo, hi]``."""
+    mid = (lo + hi) / 2
+    kept, spare = (torch.tensor(t, device=lo.device).view(-1, 1, 1) for t in zip(*FIT_STARTS, strict=True))
+    return _stored_range(mid + (lo - mid) * kept, mid + (hi - mid) * kept, spec, spare)
 
 
 def _fit_mse(

@@ -53,6 +53,7 @@ __all__ = [
     "kmeans_dp",
     "linear",
     "mode",
+    "start_ranges",
     "status",
     "switch_mode",
 ]
@@ -238,6 +239,20 @@ def fit_mse_starts(
     if torch.compiler.is_compiling() or not available():
         return None
     return torch.ops.optimum_splitquant.fit_mse_starts.default(w, ids, offsets, scales, bits, trial, iters)
+
+
+def start_ranges(
+    lo: torch.Tensor, hi: torch.Tensor, kept: list[float], spare: list[int], bits: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Compiled starting ranges of :func:`fit_mse_starts`, or None (kernels unavailable).
+
+    ``lo`` / ``hi``: float32 ``(lines, k)`` member minimum and maximum of every slot. Returns
+    ``(offsets, scales)`` ``(starts, lines, k)`` in ``dtype``, the same bits as ``core.quantize``'s
+    torch starts; raises ``RuntimeError`` if a range is not finite in ``dtype``.
+    """
+    if torch.compiler.is_compiling() or not available():
+        return None
+    return torch.ops.optimum_splitquant.start_ranges.default(lo, hi, kept, spare, bits, dtype)
 
 
 def check_stored(

@@ -205,11 +205,30 @@ constexpr Store store_of() {
   return Store::kFloat;
 }
 
+// static_cast<float>(c10::Half(v)): v rounded to the nearest half (ties to even), in a few integer and
+// float operations instead of a conversion each way. Half normals keep 10 of float's 23 fraction
+// bits (rounded in the bits; a carry moves into the exponent); below 2^-14, the multiples of 2^-24
+// are float's own rounding steps in [0.5, 1) (adding and subtracting 0.75); past 65504, infinity.
+SQ_INLINE float round_to_half(float v) {
+  const float a = std::fabs(v);
+  float r;
+  if (a < 0x1p-14f) {
+    r = (a + 0.75f) - 0.75f;
+  } else {
+    uint32_t u;
+    std::memcpy(&u, &a, sizeof(u));
+    u = (u + 0x0FFFu + ((u >> 13) & 1u)) & 0xFFFFE000u;
+    std::memcpy(&r, &u, sizeof(r));
+    if (r > 65504.0f) r = INFINITY;
+  }
+  return std::copysign(r, v);
+}
+
 // `v` rounded to the storage dtype and back (exact on the way back).
 SQ_INLINE float stored_as(float v, Store st) {
   switch (st) {
     case Store::kHalf:
-      return static_cast<float>(c10::Half(v));
+      return round_to_half(v);
     case Store::kBFloat16:
       return static_cast<float>(c10::BFloat16(v));
     default:
@@ -438,13 +457,102 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fit_mse_starts_cpu(co
   return {ids_out, codes_out, off_out, scale_out};
 }
 
+// The next value of a 16-bit float (half or bfloat16 bits) toward -inf (up = false) or +inf, as
+// torch.nextafter (an infinity moving outwards stays; only finite ranges are kept anyway).
+inline uint16_t next16(uint16_t x, bool up, uint16_t inf) {
+  const bool negative = (x & 0x8000) != 0;
+  const uint16_t magnitude = x & 0x7FFF;
+  if (magnitude == 0) return up ? 0x0001 : 0x8001;
+  if (negative == up) return x - 1;  // toward zero
+  return magnitude >= inf ? x : x + 1;
+}
+
+inline c10::Half next_value(c10::Half v, bool up) {
+  return c10::Half(next16(v.x, up, 0x7C00), c10::Half::from_bits());
+}
+inline c10::BFloat16 next_value(c10::BFloat16 v, bool up) {
+  return c10::BFloat16(next16(v.x, up, 0x7F80), c10::BFloat16::from_bits());
+}
+inline float next_value(float v, bool up) { return std::nextafter(v, up ? INFINITY : -INFINITY); }
+
+// Starting ranges of fit_mse_starts from each slot's member min / max (core/quantize.py's
+// _start_ranges and _stored_range, the same float operations): for start s, the range shrunk to the
+// share kept[s] around its middle, offset rounded down and scale rounded up to T, spread over
+// levels - 1 - spare[s] steps (at least 1). False if a range is not finite in T.
+template <class T>
+bool start_ranges(const float* lo, const float* hi, int64_t slots, const std::vector<float>& kept,
+                  const std::vector<int64_t>& spare, int64_t levels, T* offsets, T* scales) {
+  std::atomic<bool> finite{true};
+  const int64_t starts = static_cast<int64_t>(kept.size());
+  at::parallel_for(0, slots, 4096, [&](int64_t i0, int64_t i1) {
+    bool ok = true;
+    for (int64_t s = 0; s < starts; ++s) {
+      const float steps = static_cast<float>(std::max<int64_t>(levels - 1 - spare[s], 1));
+      for (int64_t i = i0; i < i1; ++i) {
+        const float mid = (lo[i] + hi[i]) / 2.0f;
+        const float a = mid + (lo[i] - mid) * kept[s];
+        const float b = mid + (hi[i] - mid) * kept[s];
+        T offset(a);
+        if (static_cast<float>(offset) > a) offset = next_value(offset, false);
+        const float exact = (b - static_cast<float>(offset)) / steps;
+        T scale(exact);
+        if (static_cast<float>(scale) < exact) scale = next_value(scale, true);
+        ok &= std::isfinite(static_cast<float>(offset)) && std::isfinite(static_cast<float>(scale));
+        offsets[s * slots + i] = offset;
+        scales[s * slots + i] = scale;
+      }
+    }
+    if (!ok) finite = false;
+  });
+  return finite;
+}
+
+std::tuple<at::Tensor, at::Tensor> start_ranges_cpu(const at::Tensor& lo, const at::Tensor& hi,
+                                                    at::ArrayRef<double> kept, at::IntArrayRef spare, int64_t bits,
+                                                    at::ScalarType dtype) {
+  TORCH_CHECK(lo.dim() == 2 && lo.scalar_type() == at::kFloat && hi.sizes() == lo.sizes() &&
+                  hi.scalar_type() == at::kFloat,
+              "lo and hi must be float32 (lines, k) tensors");
+  TORCH_CHECK(!kept.empty() && kept.size() == spare.size(), "kept and spare must be non-empty and of one length");
+  TORCH_CHECK(bits >= 1 && bits <= 16, "bad bits");
+  const at::Tensor l = lo.contiguous(), h = hi.contiguous();
+  const int64_t starts = static_cast<int64_t>(kept.size()), slots = l.numel();
+  at::Tensor offsets = at::empty({starts, l.size(0), l.size(1)}, l.options().dtype(dtype));
+  at::Tensor scales = at::empty_like(offsets);
+  const std::vector<float> kept_f(kept.begin(), kept.end());  // as torch.tensor(kept): float32
+  const std::vector<int64_t> spare_v(spare.begin(), spare.end());
+  const int64_t levels = int64_t{1} << bits;
+  bool finite = true;
+  switch (dtype) {
+    case at::kHalf:
+      finite = start_ranges(l.data_ptr<float>(), h.data_ptr<float>(), slots, kept_f, spare_v, levels,
+                            offsets.data_ptr<c10::Half>(), scales.data_ptr<c10::Half>());
+      break;
+    case at::kBFloat16:
+      finite = start_ranges(l.data_ptr<float>(), h.data_ptr<float>(), slots, kept_f, spare_v, levels,
+                            offsets.data_ptr<c10::BFloat16>(), scales.data_ptr<c10::BFloat16>());
+      break;
+    case at::kFloat:
+      finite = start_ranges(l.data_ptr<float>(), h.data_ptr<float>(), slots, kept_f, spare_v, levels,
+                            offsets.data_ptr<float>(), scales.data_ptr<float>());
+      break;
+    default:
+      TORCH_CHECK(false, "dtype must be float16, bfloat16 or float32");
+  }
+  TORCH_CHECK(finite, "start ranges overflow the storage dtype");
+  return {offsets, scales};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(optimum_splitquant, m) {
   m.def("fit_mse_starts(Tensor w, Tensor ids, Tensor offsets, Tensor scales, int bits, int trial, int iters) -> "
         "(Tensor, Tensor, Tensor, Tensor)");
+  m.def("start_ranges(Tensor lo, Tensor hi, float[] kept, int[] spare, int bits, ScalarType dtype) -> "
+        "(Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(optimum_splitquant, CPU, m) {
   m.impl("fit_mse_starts", &fit_mse_starts_cpu);
+  m.impl("start_ranges", &start_ranges_cpu);
 }

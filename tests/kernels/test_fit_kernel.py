@@ -97,3 +97,53 @@ def test_one_range_fit_returns_zero_ids_without_storing_them() -> None:
     assert out_ids.shape == w.shape and out_ids.dtype == torch.int64 and not bool(out_ids.any())
     assert out_ids.stride() == (0, 0)
     assert codes.shape == w.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("bits", [2, 3, 8])
+def test_start_ranges_bit_identical_to_torch(dtype: torch.dtype, bits: int) -> None:
+    """The compiled starting grids equal the torch ones: rounding outwards, zero and sign edges included."""
+    gen = torch.Generator().manual_seed(bits)
+    k = 3
+    lo = torch.randn(500, k, generator=gen) * torch.logspace(-9, 2, 500).unsqueeze(1)
+    hi = lo + torch.rand(500, k, generator=gen) * torch.logspace(-9, 2, 500).unsqueeze(1)
+    lo[:5], hi[:5] = 0.0, 0.0  # empty slots
+    lo[5:10] = -hi[5:10].abs()  # ranges across zero
+    spec = QuantSpec(bits, k, scale_dtype=dtype, fit="mse")
+    kept, spare = (list(t) for t in zip(*quantize_module.FIT_STARTS, strict=True))
+    native = kernels.start_ranges(lo, hi, kept, spare, bits, dtype)
+    reference = quantize_module._start_ranges(lo, hi, spec)
+    for a, b in zip(native, reference, strict=True):
+        assert a.dtype == b.dtype == dtype and a.shape == (len(kept), 500, k)
+        assert torch.equal(
+            a.view(torch.int16) if a.element_size() == 2 else a.view(torch.int32),
+            b.view(torch.int16) if b.element_size() == 2 else b.view(torch.int32),
+        )
+
+
+def test_start_ranges_past_the_dtype_raise_on_both_paths() -> None:
+    """A range float16 cannot hold: the compiled op refuses, and the quantizer names the remedy."""
+    from optimum_splitquant.core import quantize_weight
+
+    lo, hi = torch.tensor([[-1e6]]), torch.tensor([[1e6]])
+    with pytest.raises(RuntimeError, match="overflow"):
+        kernels.start_ranges(lo, hi, [1.0], [0], 4, torch.float16)
+    with pytest.raises(ValueError, match="scale_dtype='float32'"):
+        quantize_weight(torch.tensor([[-1e6, 1e6, 0.0, 3.0]]), QuantSpec(4, 1, fit="mse"))
+
+
+@pytest.mark.parametrize("magnitude", [1e-7, 2e-5, 3e-3, 400.0])
+def test_one_range_fit_rounds_float16_ranges_as_torch(magnitude: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """float16 ranges from subnormal to large (the kernel rounds them in its own arithmetic): torch's bits."""
+    from optimum_splitquant.core import quantize_weight
+
+    gen = torch.Generator().manual_seed(7)
+    w = magnitude * torch.randn(48, 64, generator=gen)
+    w.view(-1)[::5] *= torch.rand(w.numel() // 5 + 1, generator=gen)[: w.view(-1)[::5].numel()]
+    spec = QuantSpec(3, 1, 16, fit="mse")
+    native = quantize_weight(w, spec)
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    reference = quantize_weight(w, spec)
+    assert torch.equal(native.scale.view(torch.int16), reference.scale.view(torch.int16))
+    assert torch.equal(native.offset.view(torch.int16), reference.offset.view(torch.int16))
+    assert torch.equal(native.packed, reference.packed)
