@@ -330,14 +330,13 @@ def _nearest_levels(
     w: torch.Tensor, offset: torch.Tensor, scale: torch.Tensor, spec: QuantSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ids, codes)`` of the level nearest to each weight among its line's clusters (lowest id on ties)."""
-    if spec.num_clusters == 1:
-        if w.device.type == "cpu":
-            from .. import kernels
+    if w.device.type == "cpu":
+        from .. import kernels
 
-            # No rounds from one start: the nearest codes, in one compiled pass.
-            fitted = kernels.fit_mse_starts(w, _zero_ids(w), offset[None], scale[None], spec.bits, 0, 0)
-            if fitted is not None:
-                return fitted[0], fitted[1]
+        found = kernels.nearest_levels(w, offset, scale, spec.bits)
+        if found is not None:
+            return found
+    if spec.num_clusters == 1:
         return _zero_ids(w), _codes(w, offset, scale, spec)
     best_err = best_ids = best_codes = None
     for j in range(spec.num_clusters):

@@ -53,6 +53,7 @@ __all__ = [
     "kmeans_dp",
     "linear",
     "mode",
+    "nearest_levels",
     "start_ranges",
     "status",
     "switch_mode",
@@ -239,6 +240,19 @@ def fit_mse_starts(
     if torch.compiler.is_compiling() or not available():
         return None
     return torch.ops.optimum_splitquant.fit_mse_starts.default(w, ids, offsets, scales, bits, trial, iters)
+
+
+def nearest_levels(
+    w: torch.Tensor, offset: torch.Tensor, scale: torch.Tensor, bits: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Compiled ``(ids, codes)`` of the level nearest to each weight among its line's clusters, or None.
+
+    ``w``: float32 ``(lines, g)``; ``offset`` / ``scale``: float32 ``(lines, k)``. The same bits as
+    ``core.quantize``'s torch search (lowest cluster on ties); with ``k = 1`` the ids are an expanded 0.
+    """
+    if torch.compiler.is_compiling() or not available():
+        return None
+    return torch.ops.optimum_splitquant.nearest_levels.default(w, offset, scale, bits)
 
 
 def start_ranges(

@@ -543,6 +543,42 @@ std::tuple<at::Tensor, at::Tensor> start_ranges_cpu(const at::Tensor& lo, const 
   return {offsets, scales};
 }
 
+// Every weight of each line to its nearest level over the line's clusters (core/quantize.py's
+// _nearest_levels: lowest cluster on ties); ranges as float (lines, k). With k == 1 the ids come back
+// as an expanded 0.
+std::tuple<at::Tensor, at::Tensor> nearest_levels_cpu(const at::Tensor& w, const at::Tensor& offset,
+                                                      const at::Tensor& scale, int64_t bits) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat, "w must be a float32 (lines, g) tensor");
+  TORCH_CHECK(offset.dim() == 2 && offset.size(0) == w.size(0) && offset.size(1) >= 1 &&
+                  scale.sizes() == offset.sizes() && offset.scalar_type() == at::kFloat &&
+                  scale.scalar_type() == at::kFloat,
+              "offset and scale must be float32 (lines, k) tensors");
+  TORCH_CHECK(bits >= 1 && bits <= 16, "bad bits");
+  const at::Tensor wc = w.contiguous(), oc = offset.contiguous(), sc = scale.contiguous();
+  const int64_t lines = wc.size(0), g = wc.size(1), k = oc.size(1);
+  at::Tensor codes = at::empty_like(wc);
+  at::Tensor ids = k == 1 ? at::zeros({}, wc.options().dtype(at::kLong)).expand(wc.sizes())
+                          : at::empty(wc.sizes(), wc.options().dtype(at::kLong));
+  const float top = static_cast<float>((int64_t{1} << bits) - 1);
+  const float* wp = wc.data_ptr<float>();
+  const float* op = oc.data_ptr<float>();
+  const float* sp = sc.data_ptr<float>();
+  float* cp = codes.data_ptr<float>();
+  int64_t* ip = k == 1 ? nullptr : ids.data_ptr<int64_t>();
+  at::parallel_for(0, lines, std::max<int64_t>(1, 16384 / std::max<int64_t>(g, 1)), [&](int64_t l0, int64_t l1) {
+    std::vector<float> best_err(g), best_j(g);
+    for (int64_t l = l0; l < l1; ++l) {
+      if (k == 1) {
+        codes_line(wp + l * g, cp + l * g, g, op[l], sp[l], top);
+        continue;
+      }
+      assign_line(wp + l * g, cp + l * g, best_err.data(), best_j.data(), g, op + l * k, sp + l * k, k, top);
+      for (int64_t i = 0; i < g; ++i) ip[l * g + i] = static_cast<int64_t>(best_j[i]);
+    }
+  });
+  return {ids, codes};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(optimum_splitquant, m) {
@@ -550,9 +586,11 @@ TORCH_LIBRARY_FRAGMENT(optimum_splitquant, m) {
         "(Tensor, Tensor, Tensor, Tensor)");
   m.def("start_ranges(Tensor lo, Tensor hi, float[] kept, int[] spare, int bits, ScalarType dtype) -> "
         "(Tensor, Tensor)");
+  m.def("nearest_levels(Tensor w, Tensor offset, Tensor scale, int bits) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(optimum_splitquant, CPU, m) {
   m.impl("fit_mse_starts", &fit_mse_starts_cpu);
   m.impl("start_ranges", &start_ranges_cpu);
+  m.impl("nearest_levels", &nearest_levels_cpu);
 }

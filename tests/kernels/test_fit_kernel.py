@@ -147,3 +147,21 @@ def test_one_range_fit_rounds_float16_ranges_as_torch(magnitude: float, monkeypa
     assert torch.equal(native.scale.view(torch.int16), reference.scale.view(torch.int16))
     assert torch.equal(native.offset.view(torch.int16), reference.offset.view(torch.int16))
     assert torch.equal(native.packed, reference.packed)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("bits", [2, 3, 8])
+def test_nearest_levels_kernel_bit_identical_to_torch(k: int, bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled nearest-level search (coded ranges' reassignment) equals the torch one, ties included."""
+    gen = torch.Generator().manual_seed(k * 10 + bits)
+    spec = QuantSpec(bits, k, fit="mse")
+    w = 0.05 * torch.randn(37, 70, generator=gen)
+    offset = (0.05 * torch.randn(37, k, generator=gen)).half().float()
+    scale = (0.01 * torch.rand(37, k, generator=gen)).half().float()
+    scale[::5, 0] = 0.0  # empty slots keep a zero scale
+    w[0, :k] = offset[0]  # weights exactly on a level of every cluster: ties go to the lowest id
+    native = quantize_module._nearest_levels(w, offset, scale, spec)
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    reference = quantize_module._nearest_levels(w, offset, scale, spec)
+    for a, b in zip(native, reference, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
