@@ -306,7 +306,7 @@ def _exclusive(lock: Path) -> Iterator[None]:
 
 
 def _compile(cxx: str, sources: tuple[Path, ...], key: str, folder: Path) -> Path:
-    logger.info("SplitQuant: compiling the CPU kernels with %s (one time, ~20 s); cache: %s", cxx, folder)
+    logger.info("SplitQuant: compiling the CPU kernels with %s (one time, about a minute); cache: %s", cxx, folder)
     start = time.perf_counter()
     errors = []
     tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f"{_BUILD_PREFIX}{socket.gethostname()}-{os.getpid()}-"))

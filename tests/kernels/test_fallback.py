@@ -133,7 +133,7 @@ def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_
 
 @pytest.mark.slow
 def test_fresh_build_is_cached_and_reused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """A first build on an empty cache (~20 s), then the same file without compiling again."""
+    """A first build on an empty cache (about a minute), then the same file without compiling again."""
     if _build.find_compiler() is None:
         pytest.skip("no C++ compiler on this machine")
     monkeypatch.setenv(_build.CACHE_ENV, str(tmp_path))
