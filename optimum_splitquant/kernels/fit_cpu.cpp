@@ -293,27 +293,25 @@ template <class T>
 void fit_rounds(const float* wl, int64_t* il, float* cl, T* ol, T* sl, int64_t g, int64_t k, float top, int64_t iters,
                 Scratch& t, std::atomic<bool>& overflow) {
   for (int64_t it = 0; it < iters; ++it) {
-    {
-      std::fill(t.n.begin(), t.n.end(), 0.0);
-      std::fill(t.sc.begin(), t.sc.end(), 0.0);
-      std::fill(t.sw.begin(), t.sw.end(), 0.0);
-      std::fill(t.scc.begin(), t.scc.end(), 0.0);
-      std::fill(t.scw.begin(), t.scw.end(), 0.0);
-      for (int64_t i = 0; i < g; ++i) {
-        const int64_t at = il[i] * LANES + i % LANES;
-        const double c = static_cast<double>(cl[i]);
-        const double x = static_cast<double>(wl[i]);
-        t.n[at] += 1.0;
-        t.sc[at] += c;
-        t.sw[at] += x;
-        t.scc[at] += c * c;
-        t.scw[at] += c * x;
-      }
-      for (int64_t j = 0; j < k; ++j) {  // total j into entry j (a lane of a cluster before j: already read)
-        const int64_t at = j * LANES;
-        t.n[j] = lanes_total(&t.n[at]), t.sc[j] = lanes_total(&t.sc[at]), t.sw[j] = lanes_total(&t.sw[at]);
-        t.scc[j] = lanes_total(&t.scc[at]), t.scw[j] = lanes_total(&t.scw[at]);
-      }
+    std::fill(t.n.begin(), t.n.end(), 0.0);
+    std::fill(t.sc.begin(), t.sc.end(), 0.0);
+    std::fill(t.sw.begin(), t.sw.end(), 0.0);
+    std::fill(t.scc.begin(), t.scc.end(), 0.0);
+    std::fill(t.scw.begin(), t.scw.end(), 0.0);
+    for (int64_t i = 0; i < g; ++i) {
+      const int64_t at = il[i] * LANES + i % LANES;
+      const double c = static_cast<double>(cl[i]);
+      const double x = static_cast<double>(wl[i]);
+      t.n[at] += 1.0;
+      t.sc[at] += c;
+      t.sw[at] += x;
+      t.scc[at] += c * c;
+      t.scw[at] += c * x;
+    }
+    for (int64_t j = 0; j < k; ++j) {  // total j into entry j (a lane of a cluster before j: already read)
+      const int64_t at = j * LANES;
+      t.n[j] = lanes_total(&t.n[at]), t.sc[j] = lanes_total(&t.sc[at]), t.sw[j] = lanes_total(&t.sw[at]);
+      t.scc[j] = lanes_total(&t.scc[at]), t.scw[j] = lanes_total(&t.scw[at]);
     }
     for (int64_t j = 0; j < k; ++j) {
       const double var = t.n[j] * t.scc[j] - t.sc[j] * t.sc[j];
@@ -566,12 +564,12 @@ std::tuple<at::Tensor, at::Tensor> nearest_levels_cpu(const at::Tensor& w, const
   float* cp = codes.data_ptr<float>();
   int64_t* ip = k == 1 ? nullptr : ids.data_ptr<int64_t>();
   at::parallel_for(0, lines, std::max<int64_t>(1, 16384 / std::max<int64_t>(g, 1)), [&](int64_t l0, int64_t l1) {
+    if (k == 1) {
+      for (int64_t l = l0; l < l1; ++l) codes_line(wp + l * g, cp + l * g, g, op[l], sp[l], top);
+      return;
+    }
     std::vector<float> best_err(g), best_j(g);
     for (int64_t l = l0; l < l1; ++l) {
-      if (k == 1) {
-        codes_line(wp + l * g, cp + l * g, g, op[l], sp[l], top);
-        continue;
-      }
       assign_line(wp + l * g, cp + l * g, best_err.data(), best_j.data(), g, op + l * k, sp + l * k, k, top);
       for (int64_t i = 0; i < g; ++i) ip[l * g + i] = static_cast<int64_t>(best_j[i]);
     }
