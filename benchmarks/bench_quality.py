@@ -40,12 +40,13 @@ from benchmarks.methods import (
     Method,
     all_methods,
     apply_method,
+    for_budget_names,
     quick_methods,
     safetensors_bytes,
     select_methods,
     unsupported,
 )
-from benchmarks.output import BUDGETS, machine_info, rewrite, write_all
+from benchmarks.output import BUDGETS, digits, machine_info, rewrite, write_all
 from benchmarks.tasks import BbcProbe, EmbeddingCosine, Perplexity, SmsAccuracy, Task
 from optimum_splitquant.cli import data
 
@@ -109,8 +110,11 @@ def run_task(task: Task, methods: list[Method], workdir: Path, repeats: int, *, 
             else:
                 applied = apply_method(method, task.load, workdir)
             start = time.perf_counter()
+            task.predictions = None
             row["value"] = task.score(applied.model)
             row["score_s"] = round(time.perf_counter() - start, 2)
+            if task.predictions is not None:  # kept for the example-by-example comparison (output.paired_table)
+                row["predictions"] = digits(task.predictions)
             if method.kind == "fp32":
                 fp32_s = model_s = time_forward(fp32, fp32, inputs, repeats)[0]
             else:
@@ -145,7 +149,11 @@ def run_task(task: Task, methods: list[Method], workdir: Path, repeats: int, *, 
         rows.append(row)
     del fp32
     gc.collect()
-    return {**task.describe(), "rows": rows}
+    out = {**task.describe(), "rows": rows}
+    labels = task.labels()
+    if labels is not None:
+        out["labels"] = digits(labels)
+    return out
 
 
 def build_tasks(args: argparse.Namespace) -> list[Task]:
@@ -244,7 +252,13 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     if args.table_from:
         if len(args.table_from) > 1 and not args.name:
             raise SystemExit("--table-from with several JSON files needs --name")
-        paths = rewrite([Path(p) for p in args.table_from], args.out and Path(args.out), args.name, budgets)
+        paths = rewrite(
+            [Path(p) for p in args.table_from],
+            args.out and Path(args.out),
+            args.name,
+            budgets,
+            for_budget=for_budget_names(budgets or BUDGETS),
+        )
         logger.info("wrote %s", ", ".join(str(p) for p in paths))
         return 0
     if args.methods:
@@ -268,6 +282,7 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
         "command": command.strip(),
         "quick": args.quick,
         "timing_repeats": repeats,
+        "for_budget": for_budget_names(budgets or BUDGETS),
         "wall_s": 0.0,
         "tasks": [],
     }

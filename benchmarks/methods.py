@@ -41,6 +41,7 @@ __all__ = [
     "apply_method",
     "expected_bits",
     "extra_methods",
+    "for_budget_names",
     "frontier_methods",
     "hqq_methods",
     "quick_methods",
@@ -214,6 +215,21 @@ def splitquant_method(
     if range_bits is not None:
         name, family = f"{name} r{range_bits}", family.replace(f"{fit} ", f"{fit} coded ranges ")
     return Method(name, family, "splitquant", bits, num_clusters, group_size, fit, clustering, range_bits)
+
+
+def for_budget_names(budgets: tuple[float, ...] | list[float]) -> dict[str, str]:
+    """The method name of ``SplitQuantConfig.for_budget(b)`` per budget (key ``f"{b:g}"``); budgets below the
+    smallest configuration are left out."""
+    names = {}
+    for budget in budgets:
+        try:
+            c = SplitQuantConfig.for_budget(budget)
+        except ValueError:
+            continue
+        names[f"{budget:g}"] = splitquant_method(
+            c.bits, c.num_clusters, c.group_size, c.fit, c.clustering, c.range_bits
+        ).name
+    return names
 
 
 def hqq_methods() -> list[Method]:

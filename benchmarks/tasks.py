@@ -31,6 +31,8 @@ class Task:
     model_desc: str = ""
     data_desc: str = ""
     _tokenizer: Any = field(default=None, repr=False)
+    #: the last ``score``'s predicted class per example (classification tasks; ``None`` otherwise)
+    predictions: list[int] | None = field(default=None, repr=False)
 
     @property
     def tokenizer(self):
@@ -50,6 +52,10 @@ class Task:
     def inputs(self) -> dict[str, torch.Tensor]:
         """One fixed batch for forward-time measurements."""
         raise NotImplementedError
+
+    def labels(self) -> list[int] | None:
+        """The true class per scored example (classification tasks; ``None`` otherwise)."""
+        return None
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -111,7 +117,11 @@ class SmsAccuracy(Task):
 
     def score(self, model: nn.Module) -> float:
         pred = data.predict(model, self.tokenizer, self.test.texts, batch_size=128)
+        self.predictions = pred.tolist()
         return (pred == torch.tensor(self.test.labels)).float().mean().item()
+
+    def labels(self) -> list[int]:
+        return list(self.test.labels)
 
     def inputs(self) -> dict[str, torch.Tensor]:
         return dict(
@@ -155,7 +165,12 @@ class BbcProbe(Task):
         self.probe.fit(features, self.train.labels)
 
     def score(self, model: nn.Module) -> float:
-        return float(self.probe.score(self._features(model, self.test.texts).numpy(), self.test.labels))
+        pred = self.probe.predict(self._features(model, self.test.texts).numpy())
+        self.predictions = [int(p) for p in pred]
+        return sum(p == t for p, t in zip(self.predictions, self.test.labels, strict=True)) / len(self.predictions)
+
+    def labels(self) -> list[int]:
+        return list(self.test.labels)
 
     def inputs(self) -> dict[str, torch.Tensor]:
         return dict(

@@ -224,3 +224,17 @@ def test_unknown_task_or_method_is_refused(tmp_path):
         bench_quality.main(["--quick", "--tasks", "imagenet", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="unknown method"):
         bench_quality.main(["--quick", "--methods", "GPTQ", "--out", str(tmp_path)])
+
+
+def test_classifier_tasks_keep_labels_and_predictions_that_give_their_accuracy(quick_run):
+    result = json.loads((quick_run[1] / "quality.json").read_text())
+    tasks = {t["task"]: t for t in result["tasks"]}
+    assert "labels" not in tasks["minilm-embedding-cosine"] and "labels" not in tasks["smollm2-perplexity"]
+    for name in ("sms-spam-accuracy", "bbc-news-probe"):
+        labels = tasks[name]["labels"]
+        assert labels and set(labels) <= set("01234")
+        for row in tasks[name]["rows"]:
+            right = sum(p == t for p, t in zip(row["predictions"], labels, strict=True))
+            assert row["value"] == pytest.approx(right / len(labels)), row["method"]
+    assert set(result["for_budget"]) == {f"{b:g}" for b in output.BUDGETS}
+    assert "paired" in result

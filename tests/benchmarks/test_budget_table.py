@@ -151,3 +151,66 @@ def test_frontier_grid_stays_in_range_and_small():
         assert all(w % m.group_size == 0 for w in (384, 1536)) and (576 % m.group_size == 0 or m.group_size == 128)
     families = {m.family for m in frontier}
     assert families >= {"HQQ", "SplitQuant minmax (k>=2)", "SplitQuant mse (k>=2)", "plain mse (k=1)"}
+
+
+def test_mcnemar_p_is_the_exact_binomial_test_on_discordant_examples():
+    from scipy.stats import binomtest
+
+    assert output.mcnemar_p(0, 0) == 1.0
+    assert output.mcnemar_p(4, 0) == output.mcnemar_p(0, 4) == pytest.approx(2 / 16)
+    assert output.mcnemar_p(3, 5) == pytest.approx(93 / 128)
+    for a, b in [(1, 9), (5, 5), (12, 30), (40, 2)]:
+        assert output.mcnemar_p(a, b) == pytest.approx(binomtest(a, a + b, 0.5).pvalue)
+    with pytest.raises(ValueError, match=">= 0"):
+        output.mcnemar_p(-1, 2)
+
+
+def test_digits_keeps_class_indices_compactly_and_refuses_others():
+    assert output.digits([0, 1, 9, 4]) == "0194"
+    with pytest.raises(ValueError, match="0-9"):
+        output.digits([1, 10])
+
+
+def _classifier_result() -> dict:
+    labels = "0000011111"
+    rows = [
+        _row("FP32", "FP32", 32.0, 0.9, kind="fp32", predictions="0000011110"),
+        _row("HQQ 4-bit g128", "HQQ", 4.25, 0.8, kind="hqq", predictions="0000111110"),  # 8 right
+        _row("HQQ 4-bit g64", "HQQ", 4.5, 1.0, kind="hqq", predictions="0000011111"),  # 10 right
+        _row("ours 4.25", "plain mse coded ranges (k=1)", 4.25, 0.9, predictions="1000011111"),  # 9 right
+        _row("ours 4.5", "plain mse coded ranges (k=1)", 4.5, 0.7, predictions="1110011111"),  # 7 right
+        _row("ours 6", "plain mse coded ranges (k=1)", 6.0, 0.9, error="RuntimeError: boom"),
+    ]
+    task = {"task": "sms", "metric": "accuracy", "higher_is_better": True, "model": "C", "data": "d"}
+    return {
+        "machine": output.machine_info(),
+        "command": "x",
+        "for_budget": {"4": "absent", "4.25": "ours 4.25", "4.5": "ours 4.5", "6": "ours 6"},
+        "tasks": [{**task, "rows": rows, "labels": labels}, _result()["tasks"][0]],
+    }
+
+
+def test_paired_table_compares_for_budget_with_the_best_anchor_example_by_example():
+    table = output.paired_table(_classifier_result(), (4.0, 4.25, 4.5, 6.0))
+    (task,) = table["tasks"]  # the cosine task has no labels: left out
+    # 4.0: no for_budget row ran; 6.0: it failed
+    assert [p["budget"] for p in task["pairs"]] == [4.25, 4.5]
+    first, second = task["pairs"]
+    assert (first["ours"], first["anchor"]) == ("ours 4.25", "HQQ 4-bit g128")
+    # ours misses example 0, HQQ g128 misses 4 and 9
+    assert (first["only_ours"], first["only_anchor"]) == (2, 1)
+    assert first["p_value"] == pytest.approx(output.mcnemar_p(2, 1)) == 1.0
+    assert first["ours_agree_fp32"] == pytest.approx(0.8) and first["anchor_agree_fp32"] == pytest.approx(0.9)
+    assert (second["anchor"], second["only_ours"], second["only_anchor"]) == ("HQQ 4-bit g64", 0, 3)
+    assert second["p_value"] == pytest.approx(0.25)
+    md = output.paired_markdown(table)
+    assert "### C: accuracy, 10 examples" in md
+    assert "| <= 4.5 | ours 4.5 (4.50) | 70.0 % | HQQ 4-bit g64 (4.50) | 100.0 % | 0 | 3 | 0.25 | 60.0 / 90.0 % |" in md
+    assert "## for_budget against the anchor, example by example" in output.markdown(_classifier_result())
+
+
+def test_paired_table_refuses_predictions_that_do_not_match_the_labels():
+    result = _classifier_result()
+    result["tasks"][0]["rows"][3]["predictions"] = "100001111"
+    with pytest.raises(ValueError, match="9 and 10 predictions for 10 labels"):
+        output.paired_table(result, (4.25,))
