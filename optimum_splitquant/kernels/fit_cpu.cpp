@@ -51,15 +51,13 @@ inline double lanes_total(const double* a) {
 #endif
 #define SQ_INLINE inline __attribute__((always_inline))
 
-// Nearest code of `steps` in [0, top], ties to even: torch's round() then clamp(0, top). Clamped to
-// [-1, top + 1] first (the same result after the final clamp), where adding and subtracting 1.5 * 2^23
-// rounds to an integer in float arithmetic (round-to-nearest-even mode). (The clamps become min / max
-// instructions, and the loops calling it vectorize, under -fno-trapping-math: see _build.py.)
+// Nearest code of `steps` in [0, top], ties to even: torch's round() then clamp(0, top), as clamp then
+// round (the same value: 0 and top are integers), where adding and subtracting 1.5 * 2^23 rounds to an
+// integer in float arithmetic (round-to-nearest-even mode). (The clamps become min / max instructions,
+// and the loops calling it vectorize, under -fno-trapping-math: see _build.py.)
 SQ_INLINE float nearest_code(float steps, float top) {
   const float magic = 12582912.0f;  // 1.5 * 2^23
-  const float bounded = std::min(std::max(steps, -1.0f), top + 1.0f);
-  const float rounded = (bounded + magic) - magic;
-  return std::min(std::max(rounded, 0.0f), top);
+  return (std::min(std::max(steps, 0.0f), top) + magic) - magic;
 }
 
 // Nearest codes of a line with one range (k == 1), as assign_line computes them.
@@ -69,7 +67,7 @@ SQ_INLINE void codes_line(const float* __restrict wl, float* __restrict cl, int6
 }
 
 // Nearest codes of a line in each weight's own cluster (k > 1).
-void own_cluster_codes(const float* __restrict wl, const int64_t* __restrict il, float* __restrict cl,
+SQ_WIDE_CLONES void own_cluster_codes(const float* __restrict wl, const int64_t* __restrict il, float* __restrict cl,
                        int64_t g, const float* of, const float* sf, float top) {
   for (int64_t i = 0; i < g; ++i) {
     const float o = of[il[i]], s = sf[il[i]];
@@ -77,46 +75,79 @@ void own_cluster_codes(const float* __restrict wl, const int64_t* __restrict il,
   }
 }
 
-// Every weight of a line to its nearest level over the k clusters, cluster by cluster (selects as
-// arithmetic; the strict `<` keeps the lowest j on ties). The cluster goes to bj as a float.
-void assign_line(const float* __restrict wl, float* __restrict cl, float* __restrict be, float* __restrict bj,
-                 int64_t g, const float* off, const float* sca, int64_t k, float top) {
-  for (int64_t j = 0; j < k; ++j) {
-    const float o = off[j], s = sca[j];
-    const float ok = s > 0 ? 1.0f : 0.0f;
-    const float div = s > 0 ? s : 1.0f;
-    const float jf = static_cast<float>(j);
-    if (j == 0) {
-      for (int64_t i = 0; i < g; ++i) {
-        const float x = wl[i];
-        const float code = nearest_code(ok * ((x - o) / div), top);
-        be[i] = std::fabs(x - (o + code * s));
-        cl[i] = code;
-        bj[i] = 0.0f;
-      }
-      continue;
+// Eight floats as one vector (one AVX register, two SSE ones).
+typedef float vec8f __attribute__((vector_size(8 * sizeof(float))));
+typedef int32_t vec8i __attribute__((vector_size(8 * sizeof(int32_t))));
+typedef int64_t vec8l __attribute__((vector_size(8 * sizeof(int64_t))));
+
+// mask ? a : b, lane by lane (mask lanes all ones or all zeros, as comparisons give them).
+SQ_INLINE vec8f pick(const vec8i& mask, const vec8f& a, const vec8f& b) {
+  vec8i ia, ib;
+  std::memcpy(&ia, &a, sizeof(ia));
+  std::memcpy(&ib, &b, sizeof(ib));
+  const vec8i r = (ia & mask) | (ib & ~mask);
+  vec8f out;
+  std::memcpy(&out, &r, sizeof(out));
+  return out;
+}
+
+// Every weight of a line to its nearest level over the k clusters, eight weights at a time with their
+// best error, code and cluster in registers over the clusters (the strict `<` keeps the lowest j on
+// ties): the code to cl, the cluster to il. The same operations per weight as nearest_code.
+SQ_WIDE_CLONES void assign_line(const float* __restrict wl, float* __restrict cl, int64_t* __restrict il, int64_t g,
+                                const float* off, const float* sca, int64_t k, float top) {
+  const float magic = 12582912.0f;  // 1.5 * 2^23
+  const vec8i sign = {INT32_MIN, INT32_MIN, INT32_MIN, INT32_MIN, INT32_MIN, INT32_MIN, INT32_MIN, INT32_MIN};
+  const vec8f zero = {}, tops = zero + top;
+  for (int64_t i = 0; i < g; i += 8) {
+    const int64_t n = std::min<int64_t>(8, g - i);
+    vec8f x = {};  // a short chunk padded with zeros
+    if (n == 8) {
+      std::memcpy(&x, wl + i, sizeof(x));
+    } else {
+      for (int64_t e = 0; e < n; ++e) x[e] = wl[i + e];
     }
-    for (int64_t i = 0; i < g; ++i) {
-      const float x = wl[i];
-      const float code = nearest_code(ok * ((x - o) / div), top);
-      const float err = std::fabs(x - (o + code * s));
-      // Selects as arithmetic (exact: codes and cluster numbers are small integers), not a branch.
-      const float better = err < be[i] ? 1.0f : 0.0f;
-      be[i] = std::min(be[i], err);
-      cl[i] += better * (code - cl[i]);
-      bj[i] += better * (jf - bj[i]);
+    vec8f be = {}, bc = {};
+    vec8i bj = {};
+    for (int64_t j = 0; j < k; ++j) {
+      const float o = off[j], s = sca[j];
+      vec8f code = {};
+      if (s > 0) {
+        const vec8f steps = (x - o) / s;
+        const vec8f low = pick(steps < zero, zero, steps);
+        code = (pick(tops < low, tops, low) + magic) - magic;
+      }
+      const vec8f diff = x - (o + code * s);
+      vec8i bits;
+      std::memcpy(&bits, &diff, sizeof(bits));
+      bits &= ~sign;  // |diff|
+      vec8f err;
+      std::memcpy(&err, &bits, sizeof(err));
+      if (j == 0) {
+        be = err, bc = code;
+        continue;
+      }
+      const vec8i better = err < be;
+      be = pick(better, err, be);
+      bc = pick(better, code, bc);
+      bj = (better & static_cast<int32_t>(j)) | (bj & ~better);
+    }
+    const vec8l ids = __builtin_convertvector(bj, vec8l);
+    if (n == 8) {
+      std::memcpy(cl + i, &bc, sizeof(bc));
+      std::memcpy(il + i, &ids, sizeof(ids));
+    } else {
+      for (int64_t e = 0; e < n; ++e) cl[i + e] = bc[e], il[i + e] = ids[e];
     }
   }
 }
 
-// Scratch space of one thread: per-cluster sums and ranges, per-weight best error and cluster.
-// The sums hold LANES entries per cluster (cluster j, lane l at j * LANES + l).
+// Scratch space of one thread: per-cluster totals (cluster_sums), the line as double, ranges as float.
 struct Scratch {
   std::vector<double> n, sc, sw, scc, scw;
-  std::vector<float> off, sca, best_err, best_j;
-  Scratch(int64_t k, int64_t g)
-      : n(k * LANES), sc(k * LANES), sw(k * LANES), scc(k * LANES), scw(k * LANES), off(k), sca(k), best_err(g),
-        best_j(g) {}
+  std::vector<double> wd, cd;  // the line's weights and codes as double
+  std::vector<float> off, sca;
+  Scratch(int64_t k, int64_t g) : n(k), sc(k), sw(k), scc(k), scw(k), wd(g), cd(g), off(k), sca(k) {}
 };
 
 // Half the lanes as vectors (GCC / clang vector extensions: one AVX register, two SSE ones); lanes
@@ -288,31 +319,65 @@ SQ_WIDE_CLONES bool fit_block(const float* __restrict w, int64_t nb, int64_t g, 
   return ok;
 }
 
-// `iters` refit / reassign rounds of one line with k > 1 clusters (see the top of the file), in place.
+typedef int64_t half_l __attribute__((vector_size(4 * sizeof(int64_t))));
+
+SQ_INLINE half_d keep(const half_d& v, const half_l& mask) {
+  half_l bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  bits &= mask;
+  half_d out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+// Per-cluster totals of a line with k > 1 clusters (entry j: cluster j), over the lanes: weights wd and
+// codes cd as double. Cluster by cluster over vectors, a non-member adding +0.0 (a running sum that
+// starts at +0.0 is never -0.0, so adding +-0.0 leaves it unchanged: the same bits as adding members only).
+SQ_WIDE_CLONES void cluster_sums(const double* __restrict wd, const int64_t* __restrict il,
+                                 const double* __restrict cd, int64_t g, int64_t k, double* __restrict n,
+                                 double* __restrict sc, double* __restrict sw, double* __restrict scc,
+                                 double* __restrict scw) {
+  const half_d one = {1.0, 1.0, 1.0, 1.0};
+  for (int64_t j = 0; j < k; ++j) {
+    const half_l jv = {j, j, j, j};
+    half_d n0 = {}, n1 = {}, c0 = {}, c1 = {}, w0 = {}, w1 = {}, cc0 = {}, cc1 = {}, cw0 = {}, cw1 = {};
+    int64_t i = 0;
+    for (; i + LANES <= g; i += LANES) {
+      half_l ia, ib;
+      half_d ca, cb, xa, xb;
+      std::memcpy(&ia, il + i, sizeof(ia));
+      std::memcpy(&ib, il + i + 4, sizeof(ib));
+      std::memcpy(&ca, cd + i, sizeof(ca));
+      std::memcpy(&cb, cd + i + 4, sizeof(cb));
+      std::memcpy(&xa, wd + i, sizeof(xa));
+      std::memcpy(&xb, wd + i + 4, sizeof(xb));
+      const half_l ma = ia == jv, mb = ib == jv;
+      ca = keep(ca, ma), cb = keep(cb, mb), xa = keep(xa, ma), xb = keep(xb, mb);
+      n0 += keep(one, ma), n1 += keep(one, mb);
+      c0 += ca, c1 += cb, w0 += xa, w1 += xb;
+      cc0 += ca * ca, cc1 += cb * cb, cw0 += ca * xa, cw1 += cb * xb;
+    }
+    double tn[LANES], tc[LANES], tw[LANES], tcc[LANES], tcw[LANES];
+    store_lanes(tn, n0, n1), store_lanes(tc, c0, c1), store_lanes(tw, w0, w1);
+    store_lanes(tcc, cc0, cc1), store_lanes(tcw, cw0, cw1);
+    for (int64_t l = 0; i < g; ++i, ++l) {
+      if (il[i] != j) continue;
+      const double c = cd[i], x = wd[i];
+      tn[l] += 1.0, tc[l] += c, tw[l] += x, tcc[l] += c * c, tcw[l] += c * x;
+    }
+    n[j] = lanes_total(tn), sc[j] = lanes_total(tc), sw[j] = lanes_total(tw);
+    scc[j] = lanes_total(tcc), scw[j] = lanes_total(tcw);
+  }
+}
+
+// `iters` refit / reassign rounds of one line with k > 1 clusters (see the top of the file), in place;
+// t.wd holds the line wl as double.
 template <class T>
 void fit_rounds(const float* wl, int64_t* il, float* cl, T* ol, T* sl, int64_t g, int64_t k, float top, int64_t iters,
                 Scratch& t, std::atomic<bool>& overflow) {
   for (int64_t it = 0; it < iters; ++it) {
-    std::fill(t.n.begin(), t.n.end(), 0.0);
-    std::fill(t.sc.begin(), t.sc.end(), 0.0);
-    std::fill(t.sw.begin(), t.sw.end(), 0.0);
-    std::fill(t.scc.begin(), t.scc.end(), 0.0);
-    std::fill(t.scw.begin(), t.scw.end(), 0.0);
-    for (int64_t i = 0; i < g; ++i) {
-      const int64_t at = il[i] * LANES + i % LANES;
-      const double c = static_cast<double>(cl[i]);
-      const double x = static_cast<double>(wl[i]);
-      t.n[at] += 1.0;
-      t.sc[at] += c;
-      t.sw[at] += x;
-      t.scc[at] += c * c;
-      t.scw[at] += c * x;
-    }
-    for (int64_t j = 0; j < k; ++j) {  // total j into entry j (a lane of a cluster before j: already read)
-      const int64_t at = j * LANES;
-      t.n[j] = lanes_total(&t.n[at]), t.sc[j] = lanes_total(&t.sc[at]), t.sw[j] = lanes_total(&t.sw[at]);
-      t.scc[j] = lanes_total(&t.scc[at]), t.scw[j] = lanes_total(&t.scw[at]);
-    }
+    for (int64_t i = 0; i < g; ++i) t.cd[i] = static_cast<double>(cl[i]);
+    cluster_sums(t.wd.data(), il, t.cd.data(), g, k, t.n.data(), t.sc.data(), t.sw.data(), t.scc.data(), t.scw.data());
     for (int64_t j = 0; j < k; ++j) {
       const double var = t.n[j] * t.scc[j] - t.sc[j] * t.sc[j];
       double s = var > 0 ? (t.n[j] * t.scw[j] - t.sc[j] * t.sw[j]) / var : static_cast<double>(static_cast<float>(sl[j]));
@@ -326,8 +391,7 @@ void fit_rounds(const float* wl, int64_t* il, float* cl, T* ol, T* sl, int64_t g
       t.off[j] = static_cast<float>(ov);
       if (!std::isfinite(t.sca[j]) || !std::isfinite(t.off[j])) overflow = true;
     }
-    assign_line(wl, cl, t.best_err.data(), t.best_j.data(), g, t.off.data(), t.sca.data(), k, top);
-    for (int64_t i = 0; i < g; ++i) il[i] = static_cast<int64_t>(t.best_j[i]);
+    assign_line(wl, cl, il, g, t.off.data(), t.sca.data(), k, top);
   }
 }
 
@@ -375,6 +439,7 @@ void fit_lines_starts(const float* w, const int64_t* ids0, const T* offsets, con
     std::vector<float> of(k), sf(k);  // ol, sl as float, converted once per use rather than per weight
     for (int64_t l = l0; l < l1; ++l) {
       const float* wl = w + l * g;
+      for (int64_t i = 0; i < g; ++i) t.wd[i] = static_cast<double>(wl[i]);  // fit_rounds' sums read it
       double best = 0.0;
       for (int64_t st = 0; st < starts; ++st) {
         const T* o0p = offsets + (st * lines + l) * k;
@@ -568,10 +633,8 @@ std::tuple<at::Tensor, at::Tensor> nearest_levels_cpu(const at::Tensor& w, const
       for (int64_t l = l0; l < l1; ++l) codes_line(wp + l * g, cp + l * g, g, op[l], sp[l], top);
       return;
     }
-    std::vector<float> best_err(g), best_j(g);
     for (int64_t l = l0; l < l1; ++l) {
-      assign_line(wp + l * g, cp + l * g, best_err.data(), best_j.data(), g, op + l * k, sp + l * k, k, top);
-      for (int64_t i = 0; i < g; ++i) ip[l * g + i] = static_cast<int64_t>(best_j[i]);
+      assign_line(wp + l * g, cp + l * g, ip + l * g, g, op + l * k, sp + l * k, k, top);
     }
   });
   return {ids, codes};

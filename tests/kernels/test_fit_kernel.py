@@ -63,6 +63,26 @@ def test_best_start_kernel_bit_identical_to_torch(k, bits, dtype, width, monkeyp
     assert_same_fit(native, reference)
 
 
+@pytest.mark.parametrize("k", [2, 4])
+def test_best_start_kernel_bit_identical_with_signed_zeros(k: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights of +0.0 and -0.0 (the kernel's per-cluster sums add +-0.0 for non-members) fit as in torch."""
+    spec = QuantSpec(2, k, fit="mse")
+    w, ids, *_ = start(spec, 9, 61, seed=k)
+    w.view(-1)[::5] = -0.0
+    w.view(-1)[1::7] = 0.0
+    w[3] = -0.0  # a whole line of negative zeros
+    lo = torch.full((9, k), torch.inf).scatter_reduce_(1, ids, w, "amin")
+    hi = torch.full((9, k), -torch.inf).scatter_reduce_(1, ids, w, "amax")
+    empty = torch.isinf(lo)
+    lo, hi = lo.masked_fill(empty, 0), hi.masked_fill(empty, 0)
+    native = quantize_module._fit_best_start(w, ids, lo, hi, spec)
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    reference = quantize_module._fit_best_start(w, ids, lo, hi, spec)
+    assert_same_fit(native, reference)
+    for a, b in zip(native[2:], reference[2:], strict=True):  # the ranges' signs too (torch.equal: -0.0 == 0.0)
+        assert torch.equal(a.float().signbit(), b.float().signbit())
+
+
 SAME_BYTES = [
     ((75, 96), QuantSpec(4, 1, 32, fit="mse")),
     ((75, 96), QuantSpec(3, 1, 16, fit="mse", range_bits=6)),
