@@ -80,15 +80,14 @@ typedef float vec8f __attribute__((vector_size(8 * sizeof(float))));
 typedef int32_t vec8i __attribute__((vector_size(8 * sizeof(int32_t))));
 typedef int64_t vec8l __attribute__((vector_size(8 * sizeof(int64_t))));
 
-// mask ? a : b, lane by lane (mask lanes all ones or all zeros, as comparisons give them).
-SQ_INLINE vec8f pick(const vec8i& mask, const vec8f& a, const vec8f& b) {
+// out = mask ? a : b, lane by lane (mask lanes all ones or all zeros, as comparisons give them). (Wide
+// vectors pass by reference: by value they would change the calling convention without AVX.)
+SQ_INLINE void pick(vec8f& out, const vec8i& mask, const vec8f& a, const vec8f& b) {
   vec8i ia, ib;
   std::memcpy(&ia, &a, sizeof(ia));
   std::memcpy(&ib, &b, sizeof(ib));
   const vec8i r = (ia & mask) | (ib & ~mask);
-  vec8f out;
   std::memcpy(&out, &r, sizeof(out));
-  return out;
 }
 
 // Every weight of a line to its nearest level over the k clusters, eight weights at a time with their
@@ -114,8 +113,10 @@ SQ_WIDE_CLONES void assign_line(const float* __restrict wl, float* __restrict cl
       vec8f code = {};
       if (s > 0) {
         const vec8f steps = (x - o) / s;
-        const vec8f low = pick(steps < zero, zero, steps);
-        code = (pick(tops < low, tops, low) + magic) - magic;
+        vec8f low, high;
+        pick(low, steps < zero, zero, steps);
+        pick(high, tops < low, tops, low);
+        code = (high + magic) - magic;
       }
       const vec8f diff = x - (o + code * s);
       vec8i bits;
@@ -128,8 +129,8 @@ SQ_WIDE_CLONES void assign_line(const float* __restrict wl, float* __restrict cl
         continue;
       }
       const vec8i better = err < be;
-      be = pick(better, err, be);
-      bc = pick(better, code, bc);
+      pick(be, better, err, be);
+      pick(bc, better, code, bc);
       bj = (better & static_cast<int32_t>(j)) | (bj & ~better);
     }
     const vec8l ids = __builtin_convertvector(bj, vec8l);
@@ -321,13 +322,12 @@ SQ_WIDE_CLONES bool fit_block(const float* __restrict w, int64_t nb, int64_t g, 
 
 typedef int64_t half_l __attribute__((vector_size(4 * sizeof(int64_t))));
 
-SQ_INLINE half_d keep(const half_d& v, const half_l& mask) {
+// v with its lanes outside mask zeroed, in place (mask lanes all ones or all zeros).
+SQ_INLINE void keep(half_d& v, const half_l& mask) {
   half_l bits;
   std::memcpy(&bits, &v, sizeof(bits));
   bits &= mask;
-  half_d out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
+  std::memcpy(&v, &bits, sizeof(v));
 }
 
 // Per-cluster totals of a line with k > 1 clusters (entry j: cluster j), over the lanes: weights wd and
@@ -352,8 +352,9 @@ SQ_WIDE_CLONES void cluster_sums(const double* __restrict wd, const int64_t* __r
       std::memcpy(&xa, wd + i, sizeof(xa));
       std::memcpy(&xb, wd + i + 4, sizeof(xb));
       const half_l ma = ia == jv, mb = ib == jv;
-      ca = keep(ca, ma), cb = keep(cb, mb), xa = keep(xa, ma), xb = keep(xb, mb);
-      n0 += keep(one, ma), n1 += keep(one, mb);
+      half_d na = one, nb = one;
+      keep(ca, ma), keep(cb, mb), keep(xa, ma), keep(xb, mb), keep(na, ma), keep(nb, mb);
+      n0 += na, n1 += nb;
       c0 += ca, c1 += cb, w0 += xa, w1 += xb;
       cc0 += ca * ca, cc1 += cb * cb, cw0 += ca * xa, cw1 += cb * xb;
     }
