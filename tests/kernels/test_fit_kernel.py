@@ -39,6 +39,18 @@ def assert_same_fit(native, reference) -> None:
         assert a.dtype == b.dtype and torch.equal(a, b), name
 
 
+def best_start_both_paths(w: torch.Tensor, ids: torch.Tensor, spec: QuantSpec, monkeypatch: pytest.MonkeyPatch):
+    """``_fit_best_start`` of the lines ``w`` from their slots' min-max, compiled and then pure torch."""
+    k = spec.num_clusters
+    lo = torch.full((w.shape[0], k), torch.inf).scatter_reduce_(1, ids, w, "amin")
+    hi = torch.full((w.shape[0], k), -torch.inf).scatter_reduce_(1, ids, w, "amax")
+    empty = torch.isinf(lo)
+    lo, hi = lo.masked_fill(empty, 0), hi.masked_fill(empty, 0)
+    native = quantize_module._fit_best_start(w, ids, lo, hi, spec)
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    return native, quantize_module._fit_best_start(w, ids, lo, hi, spec)
+
+
 @pytest.mark.parametrize("bad", [5, -1])
 def test_fit_kernel_refuses_out_of_range_ids(bad: int) -> None:
     spec = QuantSpec(2, 2, fit="mse")
@@ -53,14 +65,7 @@ def test_best_start_kernel_bit_identical_to_torch(k, bits, dtype, width, monkeyp
     """The compiled search over FIT_STARTS (trial rounds, choice by squared error, refit) matches the torch loop."""
     spec = QuantSpec(bits, k, scale_dtype=dtype, fit="mse")
     w, ids, *_ = start(spec, 13, width, seed=k * 10 + bits)
-    lo = torch.full((13, k), torch.inf).scatter_reduce_(1, ids, w, "amin")
-    hi = torch.full((13, k), -torch.inf).scatter_reduce_(1, ids, w, "amax")
-    empty = torch.isinf(lo)
-    lo, hi = lo.masked_fill(empty, 0), hi.masked_fill(empty, 0)
-    native = quantize_module._fit_best_start(w, ids, lo, hi, spec)
-    monkeypatch.setattr(kernels, "available", lambda: False)
-    reference = quantize_module._fit_best_start(w, ids, lo, hi, spec)
-    assert_same_fit(native, reference)
+    assert_same_fit(*best_start_both_paths(w, ids, spec, monkeypatch))
 
 
 @pytest.mark.parametrize("k", [2, 4])
@@ -71,13 +76,7 @@ def test_best_start_kernel_bit_identical_with_signed_zeros(k: int, monkeypatch: 
     w.view(-1)[::5] = -0.0
     w.view(-1)[1::7] = 0.0
     w[3] = -0.0  # a whole line of negative zeros
-    lo = torch.full((9, k), torch.inf).scatter_reduce_(1, ids, w, "amin")
-    hi = torch.full((9, k), -torch.inf).scatter_reduce_(1, ids, w, "amax")
-    empty = torch.isinf(lo)
-    lo, hi = lo.masked_fill(empty, 0), hi.masked_fill(empty, 0)
-    native = quantize_module._fit_best_start(w, ids, lo, hi, spec)
-    monkeypatch.setattr(kernels, "available", lambda: False)
-    reference = quantize_module._fit_best_start(w, ids, lo, hi, spec)
+    native, reference = best_start_both_paths(w, ids, spec, monkeypatch)
     assert_same_fit(native, reference)
     for a, b in zip(native[2:], reference[2:], strict=True):  # the ranges' signs too (torch.equal: -0.0 == 0.0)
         assert torch.equal(a.float().signbit(), b.float().signbit())
