@@ -42,8 +42,9 @@ inline double lanes_total(const double* a) {
   return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
 }
 
-// On x86-64 Linux the one-range (k == 1) line fit, the bulk of the work, is also compiled for AVX2 and
-// picked at run time (the same operations, hence the same bits, on wider vectors).
+// On x86-64 Linux the per-weight loops of the fit (the one-range block fit, the reassignment and sums of
+// several clusters) are also compiled for AVX2 and picked at run time (the same operations, hence the
+// same bits, on wider vectors).
 #if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
 #define SQ_WIDE_CLONES __attribute__((target_clones("avx2", "default")))
 #else
@@ -51,13 +52,15 @@ inline double lanes_total(const double* a) {
 #endif
 #define SQ_INLINE inline __attribute__((always_inline))
 
+// Adding and subtracting 1.5 * 2^23 rounds a float in [0, 2^22] to an integer, ties to even.
+constexpr float ROUND_MAGIC = 12582912.0f;
+
 // Nearest code of `steps` in [0, top], ties to even: torch's round() then clamp(0, top), as clamp then
-// round (the same value: 0 and top are integers), where adding and subtracting 1.5 * 2^23 rounds to an
-// integer in float arithmetic (round-to-nearest-even mode). (The clamps become min / max instructions,
-// and the loops calling it vectorize, under -fno-trapping-math: see _build.py.)
+// round (the same value: 0 and top are integers) with ROUND_MAGIC (round-to-nearest-even mode). (The
+// clamps become min / max instructions, and the loops calling it vectorize, under -fno-trapping-math:
+// see _build.py.)
 SQ_INLINE float nearest_code(float steps, float top) {
-  const float magic = 12582912.0f;  // 1.5 * 2^23
-  return (std::min(std::max(steps, 0.0f), top) + magic) - magic;
+  return (std::min(std::max(steps, 0.0f), top) + ROUND_MAGIC) - ROUND_MAGIC;
 }
 
 // Nearest codes of a line with one range (k == 1), as assign_line computes them.
@@ -67,8 +70,8 @@ SQ_INLINE void codes_line(const float* __restrict wl, float* __restrict cl, int6
 }
 
 // Nearest codes of a line in each weight's own cluster (k > 1).
-SQ_WIDE_CLONES void own_cluster_codes(const float* __restrict wl, const int64_t* __restrict il, float* __restrict cl,
-                       int64_t g, const float* of, const float* sf, float top) {
+SQ_WIDE_CLONES void own_cluster_codes(const float* __restrict wl, const int64_t* __restrict il,
+                                      float* __restrict cl, int64_t g, const float* of, const float* sf, float top) {
   for (int64_t i = 0; i < g; ++i) {
     const float o = of[il[i]], s = sf[il[i]];
     cl[i] = nearest_code((s > 0 ? 1.0f : 0.0f) * ((wl[i] - o) / (s > 0 ? s : 1.0f)), top);
@@ -95,7 +98,6 @@ SQ_INLINE void pick(vec8f& out, const vec8i& mask, const vec8f& a, const vec8f& 
 // ties): the code to cl, the cluster to il. The same operations per weight as nearest_code.
 SQ_WIDE_CLONES void assign_line(const float* __restrict wl, float* __restrict cl, int64_t* __restrict il, int64_t g,
                                 const float* off, const float* sca, int64_t k, float top) {
-  const float magic = 12582912.0f;  // 1.5 * 2^23
   const vec8i sign = {INT32_MIN, INT32_MIN, INT32_MIN, INT32_MIN, INT32_MIN, INT32_MIN, INT32_MIN, INT32_MIN};
   const vec8f zero = {}, tops = zero + top;
   for (int64_t i = 0; i < g; i += 8) {
@@ -116,7 +118,7 @@ SQ_WIDE_CLONES void assign_line(const float* __restrict wl, float* __restrict cl
         vec8f low, high;
         pick(low, steps < zero, zero, steps);
         pick(high, tops < low, tops, low);
-        code = (high + magic) - magic;
+        code = (high + ROUND_MAGIC) - ROUND_MAGIC;
       }
       const vec8f diff = x - (o + code * s);
       vec8i bits;
@@ -155,6 +157,7 @@ struct Scratch {
 // 0-3 and 4-7 run in two such vectors.
 typedef float half_f __attribute__((vector_size(4 * sizeof(float))));
 typedef double half_d __attribute__((vector_size(4 * sizeof(double))));
+typedef int64_t half_l __attribute__((vector_size(4 * sizeof(int64_t))));
 static_assert(LANES == 8, "two vectors of 4 lanes");
 
 SQ_INLINE half_f load4(const float* p) {
@@ -319,8 +322,6 @@ SQ_WIDE_CLONES bool fit_block(const float* __restrict w, int64_t nb, int64_t g, 
   }
   return ok;
 }
-
-typedef int64_t half_l __attribute__((vector_size(4 * sizeof(int64_t))));
 
 // v with its lanes outside mask zeroed, in place (mask lanes all ones or all zeros).
 SQ_INLINE void keep(half_d& v, const half_l& mask) {
