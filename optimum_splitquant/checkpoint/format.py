@@ -1,4 +1,4 @@
-"""SplitQuant's stored format, versions 1 and 2: the one place that names and shapes the stored tensors.
+"""SplitQuant's stored format, versions 1 to 3: the one place that names and shapes the stored tensors.
 
 For every quantized layer ``L`` whose weight is seen as a matrix of ``rows`` output channels by
 ``width`` input weights (``k = num_clusters``, ``G = width / group_size`` or 1,
@@ -25,8 +25,10 @@ name                        dtype                   shape                       
 ==========================  ======================  ==================================  ================================
 
 and the scales and offsets are rebuilt from them on load (kept in memory as ``weight_scale`` and
-``weight_offset``, not saved). A checkpoint without coded ranges is written as version 1, which
-every release reads.
+``weight_offset``, not saved). Version 3 stores the same tensors and reads the offset codes as
+signed (around a zero code, :mod:`optimum_splitquant.core.ranges`): offsets of both signs share a
+block. Coded ranges are written as version 3 (2 only when a config asks for it); a checkpoint
+without coded ranges is written as version 1, which every release reads.
 
 The bit layout of ``weight_packed`` is documented in :mod:`optimum_splitquant.core.packing`; the
 dequantized weight is ``offset[row, group, id] + code * scale[row, group, id]``
@@ -60,12 +62,13 @@ __all__ = [
     "SCALE",
     "SCALE_FILE_DTYPES",
     "TensorLayout",
+    "coded_version",
     "format_version",
     "layer_tensors",
     "stored_tensors",
 ]
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """The newest format this release reads and writes (it writes 1 when no layer codes its ranges)."""
 
 PACKED = "weight_packed"
@@ -78,7 +81,7 @@ QUANTIZED_TENSORS = (PACKED, SCALE, OFFSET)
 """The tensors one quantized layer computes with (the bias is a plain float parameter); all stored
 unless the ranges are coded (then the scales and offsets are rebuilt from :data:`CODED_TENSORS`)."""
 CODED_TENSORS = (RANGE_CODES, RANGE_STEPS)
-"""The stored tensors of coded ranges (format 2)."""
+"""The stored tensors of coded ranges (formats 2 and 3)."""
 
 METADATA_FORMAT_KEY = "splitquant_format_version"
 METADATA_SAVE_ID_KEY = "splitquant_save_id"
@@ -97,8 +100,19 @@ class TensorLayout:
 
 
 def format_version(spec: QuantSpec) -> int:
-    """The oldest format that stores layers of ``spec``: 2 with coded ranges, else 1."""
-    return 1 if spec.range_bits is None else 2
+    """The format that stores layers of ``spec``: 1 without coded ranges, else 3 (signed offsets) or 2."""
+    if spec.range_bits is None:
+        return 1
+    return 3 if spec.signed_offsets else 2
+
+
+def coded_version(spec: QuantSpec) -> int | None:
+    """The format version every header of a checkpoint of ``spec`` must state, or None (any version).
+
+    Only coded ranges need one: versions 2 and 3 read the same offset codes differently; a layer
+    without coded ranges reads the same in every version.
+    """
+    return None if spec.range_bits is None else format_version(spec)
 
 
 def stored_tensors(spec: QuantSpec) -> tuple[str, ...]:

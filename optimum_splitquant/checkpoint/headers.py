@@ -163,8 +163,14 @@ def header_metadata(format_version: int, settings: dict[str, Any]) -> dict[str, 
     }
 
 
-def check_consistency(index: CheckpointIndex, supported_version: int, settings: dict[str, Any]) -> None:
-    """Raise ``ValueError`` unless every file holding SplitQuant tensors belongs to one save with ``settings``."""
+def check_consistency(
+    index: CheckpointIndex, supported_version: int, settings: dict[str, Any], *, coded_version: int | None = None
+) -> None:
+    """Raise ``ValueError`` unless every file holding SplitQuant tensors belongs to one save with ``settings``.
+
+    ``coded_version``, given when the config's layers code their ranges, is the format version their
+    headers must state: versions 2 and 3 read the same offset codes differently.
+    """
     files_with_q = {info.file for key, info in index.tensors.items() if key.endswith(f".{PACKED}")}
     if not files_with_q:
         raise ValueError(
@@ -180,7 +186,13 @@ def check_consistency(index: CheckpointIndex, supported_version: int, settings: 
             raise ValueError(
                 f"{name}: header has no {METADATA_FORMAT_KEY}; not written by optimum-splitquant, or damaged"
             )
-        parse_format_version(version, name, supported_version)
+        parsed = parse_format_version(version, name, supported_version)
+        if coded_version is not None and parsed != coded_version:
+            raise ValueError(
+                f"{name}: its coded ranges were written in format {parsed} but config.json says format_version "
+                f"{coded_version}; config.json and the weights come from different saves: restore the config.json "
+                "saved with the weights"
+            )
         stored = meta.get(METADATA_SETTINGS_KEY)
         if stored is not None:
             stored_settings = _parse_settings(stored, name)

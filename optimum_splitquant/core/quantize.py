@@ -30,7 +30,7 @@ import torch
 
 from .kmeans import assign_clusters, kmeans_1d
 from .packing import pack_rows, packed_row_bytes, unpack_rows
-from .ranges import CodedRanges, decode_ranges, encode_ranges, pack_range_codes
+from .ranges import CodedRanges, code_variants, decode_ranges, encode_ranges, pack_range_codes
 from .spec import QuantSpec
 
 __all__ = [
@@ -238,7 +238,10 @@ def _start_ranges(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[
     """``(offsets, scales)`` ``(starts, lines, k)`` of every :data:`FIT_STARTS` grid of each slot ``[lo, hi]``."""
     mid = (lo + hi) / 2
     kept, spare = (torch.tensor(t, device=lo.device).view(-1, 1, 1) for t in zip(*FIT_STARTS, strict=True))
-    return _stored_range(mid + (lo - mid) * kept, mid + (hi - mid) * kept, spec, spare)
+    try:
+        return _stored_range(mid + (lo - mid) * kept, mid + (hi - mid) * kept, spec, spare)
+    except ValueError:  # named by the members' range (a shrunk start past float32 is NaN)
+        raise _range_error(lo, hi, spec) from None
 
 
 def _fit_mse(
@@ -311,19 +314,37 @@ def _fit_coded(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, CodedRanges]:
     """``(ids, codes, offset, scale, coded)`` of lines ``w`` on the coded form of fitted ranges.
 
-    The lines are whole blocks of ``spec.range_block`` (but for the weight's last chunk). Every
-    weight moves to the nearest level of the decoded ranges. (A least-squares refit of the coded
-    ranges and a second reassignment gained under 0.02 dB of SQNR on Gaussian weights at twice the
-    time, so there is none.)
+    The lines are whole blocks of ``spec.range_block`` (but for the weight's last chunk). In format 3
+    each line keeps the one of its nearest range codes and their :func:`~.ranges.code_variants` whose
+    levels give it the least squared error; then every weight moves to the nearest level of the
+    decoded ranges. (A least-squares refit of the coded ranges and a second reassignment gained
+    under 0.02 dB of SQNR on Gaussian weights at twice the time, so there is none.)
     """
     coded = encode_ranges(scale, offset, spec)
+    if spec.signed_offsets:
+        candidates = [coded, *code_variants(coded, spec)]
+        errors = torch.cat([_line_error(w, *decode_ranges(c, spec), spec) for c in candidates], 1)
+        best = errors.argmin(1, keepdim=True)  # the first of equal errors: the nearest codes first
+        pick = lambda name: torch.stack([getattr(c, name) for c in candidates], 1).gather(  # noqa: E731
+            1, best.unsqueeze(2).expand(-1, 1, coded.scale_codes.shape[1])
+        )[:, 0]
+        coded = CodedRanges(pick("scale_codes"), pick("offset_codes"), coded.steps)
     scale, offset = decode_ranges(coded, spec)
     ids, codes = _nearest_levels(w, offset.float(), scale.float(), spec)
     return ids, codes, offset, scale, coded
 
 
+def _line_error(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``(lines, 1)`` squared error of each line of ``w`` on the nearest levels of ranges ``scale`` / ``offset``."""
+    scale, offset = scale.float(), offset.float()
+    ids, codes = _nearest_levels(w, offset, scale, spec)
+    if spec.num_clusters > 1:
+        scale, offset = scale.gather(1, ids), offset.gather(1, ids)
+    return (w - offset).sub_(codes * scale).square_().sum(1, keepdim=True)
+
+
 def _overflow_message(spec: QuantSpec) -> str:
-    return f"the fitted ranges do not fit scale_dtype {spec.scale_dtype}; use scale_dtype='float32'"
+    return f"the fitted ranges do not fit scale_dtype {spec.scale_dtype}; {spec.overflow_advice()}"
 
 
 def _nearest_levels(
@@ -393,13 +414,23 @@ def split_branches(qweight: QuantizedWeight, spec: QuantSpec, dtype: torch.dtype
     return [torch.where(ids == j, w, torch.zeros((), dtype=dtype)) for j in range(spec.num_clusters)]
 
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
 def _checked(weight: torch.Tensor) -> torch.Tensor:
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight (out, in), got shape {tuple(weight.shape)}")
     if not weight.is_floating_point():
         raise TypeError(f"expected a floating-point weight, got {weight.dtype}")
-    if weight.numel() and not all(math.isfinite(float(t)) for t in torch.aminmax(weight.detach())):
-        raise ValueError("weight contains NaN or infinite values")  # aminmax propagates NaN: one pass, no mask
+    if weight.numel():
+        lo, hi = (float(t) for t in torch.aminmax(weight.detach()))  # aminmax propagates NaN: one pass, no mask
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError("weight contains NaN or infinite values")
+        if max(-lo, hi) > _FLOAT32_MAX:  # a float64 weight: the quantizer computes in float32
+            raise ValueError(
+                f"weight values reach {max(-lo, hi):.4g}, beyond float32 (±{_FLOAT32_MAX:.4g}), the precision "
+                "SplitQuant quantizes in; scale the weight down before quantizing"
+            )
     return weight.detach()
 
 
@@ -421,8 +452,12 @@ def _stored_range(
     too_low = scale.float() < exact
     scale = torch.where(too_low, torch.nextafter(scale, torch.full_like(scale, torch.inf)), scale)
     if not (bool(torch.isfinite(offset).all()) and bool(torch.isfinite(scale).all())):
-        raise ValueError(
-            f"weight range [{float(lo.min()):.4g}, {float(hi.max()):.4g}] does not fit scale_dtype {dt}; "
-            "use scale_dtype='float32'"
-        )
+        raise _range_error(lo, hi, spec)
     return offset, scale
+
+
+def _range_error(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> ValueError:
+    return ValueError(
+        f"weight range [{float(lo.min()):.4g}, {float(hi.max()):.4g}] does not fit scale_dtype {spec.scale_dtype}; "
+        f"{spec.overflow_advice()}"
+    )

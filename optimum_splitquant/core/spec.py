@@ -12,11 +12,13 @@ import torch
 __all__ = [
     "CLUSTERINGS",
     "MAX_CLUSTERS",
+    "MAX_RANGE_BLOCK",
     "RANGE_BITS",
     "SCALE_DTYPES",
     "SUPPORTED_BITS",
     "QuantSpec",
     "check_num_clusters",
+    "check_range_block",
     "int_field",
 ]
 
@@ -25,6 +27,8 @@ MAX_CLUSTERS = 16
 CLUSTERINGS = ("tensor", "channel")
 FITS = ("minmax", "mse")
 RANGE_BITS = (4, 5, 6, 7, 8)
+MAX_RANGE_BLOCK = 1 << 16
+"""Largest ``range_block``: a block longer than a layer's lines is one block of all of them."""
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -49,6 +53,12 @@ def check_num_clusters(value: Any, *, not_int: type = ValueError) -> int:
     return int_field("num_clusters", value, allowed=allowed, valid=lambda k: 1 <= k <= MAX_CLUSTERS, not_int=not_int)
 
 
+def check_range_block(value: Any, *, not_int: type = ValueError) -> int:
+    """``value`` if it is a valid ``range_block`` (an integer in ``[1, MAX_RANGE_BLOCK]``)."""
+    allowed = f"an integer in [1, {MAX_RANGE_BLOCK}]"
+    return int_field("range_block", value, allowed=allowed, valid=lambda b: 1 <= b <= MAX_RANGE_BLOCK, not_int=not_int)
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How one weight matrix is split and quantized.
@@ -67,7 +77,11 @@ class QuantSpec:
         range_bits: ``None`` stores every scale and offset in ``scale_dtype``; 4 to 8 stores each as
             a code of that many bits times a step shared by ``range_block`` consecutive (row, group)
             lines (:mod:`.ranges`; needs ``fit="mse"``, which refits the codes to the coded ranges).
-        range_block: (row, group) lines sharing one pair of steps per cluster when ``range_bits`` is set.
+        range_block: (row, group) lines sharing one pair of steps per cluster when ``range_bits`` is set
+            (1 to :data:`MAX_RANGE_BLOCK`).
+        signed_offsets: how coded offsets are read (:mod:`.ranges`): ``True`` (format 3) as signed codes
+            around a zero code times a non-negative step, ``False`` (format 2, read for old checkpoints)
+            as unsigned codes times a signed step.
     """
 
     bits: int
@@ -78,6 +92,7 @@ class QuantSpec:
     fit: str = "minmax"
     range_bits: int | None = None
     range_block: int = 8
+    signed_offsets: bool = True
 
     def __post_init__(self) -> None:
         int_field(
@@ -100,8 +115,9 @@ class QuantSpec:
                 raise ValueError(
                     f"range_bits={self.range_bits} needs fit='mse' (codes are refitted to the coded ranges)"
                 )
-        positive = "a positive integer"
-        int_field("range_block", self.range_block, allowed=positive, valid=lambda b: b >= 1, not_int=ValueError)
+        check_range_block(self.range_block)
+        if not isinstance(self.signed_offsets, bool):
+            raise ValueError(f"signed_offsets must be a bool, got {self.signed_offsets!r}")
 
     @property
     def levels(self) -> int:
@@ -131,6 +147,12 @@ class QuantSpec:
         per_range = float_bits if self.range_bits is None else self.range_bits + float_bits / self.range_block
         side = 2 * self.num_clusters * self.num_groups(in_features) * per_range
         return (padded * self.symbol_width + side) / in_features
+
+    def overflow_advice(self) -> str:
+        """What to do when a range does not fit :attr:`scale_dtype` (for error messages)."""
+        if self.scale_dtype == torch.float32:
+            return "the weights span more than float32 can hold (over 3.4e38); scale them down before quantizing"
+        return "use scale_dtype='float32'"
 
     def num_groups(self, in_features: int) -> int:
         """Range groups per row; raises if ``group_size`` does not divide ``in_features``."""

@@ -1,4 +1,4 @@
-"""``SplitQuantConfig``: the transformers ``quantization_config`` of SplitQuant (format versions 1 and 2).
+"""``SplitQuantConfig``: the transformers ``quantization_config`` of SplitQuant (format versions 1 to 3).
 
 Written to ``config.json`` under ``quantization_config``; everything needed to read the
 checkpoint back is here or in the tensors themselves, never in code defaults.
@@ -14,7 +14,6 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..checkpoint import format as stored_format
 from ..checkpoint.format import FORMAT_VERSION
 from ..core.spec import (
     CLUSTERINGS,
@@ -24,6 +23,7 @@ from ..core.spec import (
     SUPPORTED_BITS,
     QuantSpec,
     check_num_clusters,
+    check_range_block,
     int_field,
 )
 
@@ -60,6 +60,29 @@ _BUDGET_TABLE: tuple[dict[str, Any], ...] = (
 )
 
 
+def _module_names(value: Any) -> list[str] | None:
+    """``modules_to_not_convert`` checked: ``None``, or a list of names from a list, tuple or set of strings.
+
+    A set comes back sorted (so the stored config is stable); a bare string or anything else
+    (a dict, a range, a generator) is a ``TypeError`` naming the field.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        raise TypeError(
+            f"modules_to_not_convert must be None or a list of module names, got the string {value!r}: "
+            f"write [{value!r}]"
+        )
+    if not isinstance(value, (list, tuple, set, frozenset)):
+        raise TypeError(
+            f"modules_to_not_convert must be None or a list of module names, got {type(value).__name__} {value!r}"
+        )
+    wrong = [name for name in value if not isinstance(name, str)]
+    if wrong:
+        raise TypeError(f"modules_to_not_convert must be None or a list of module names; not names: {wrong!r}")
+    return sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+
+
 class SplitQuantConfig(QuantizationConfigMixin):
     """Settings of SplitQuant weight quantization, validated on construction.
 
@@ -75,14 +98,16 @@ class SplitQuantConfig(QuantizationConfigMixin):
             reconstruction error). Only quantizing reads it.
         range_bits: ``None`` (default) stores each scale and offset in ``scale_dtype``; 4 to 8 stores
             each as a code of that many bits times a step shared by ``range_block`` consecutive
-            (row, group) lines (format 2; needs ``fit="mse"``): a quarter of the side data, so
+            (row, group) lines (format 3; needs ``fit="mse"``): a quarter of the side data, so
             smaller groups fit the same budget.
-        range_block: (row, group) lines sharing one scale step and one offset step per cluster.
-        modules_to_not_convert: module names kept in float. ``None`` keeps the task head
+        range_block: (row, group) lines sharing one scale step and one offset step per cluster
+            (1 to 65536; a block longer than a layer's lines is one block of all of them).
+        modules_to_not_convert: module names kept in float (a list, tuple or set of strings). ``None`` keeps the task head
             (classifier / lm_head / tied output embeddings) in float; the resolved list is written
             back here when a model is quantized. ``[]`` quantizes every eligible layer.
-        format_version: on-disk format; ``None`` picks the oldest that stores these settings (1, or 2
-            with ``range_bits``). This release reads and writes versions 1 and 2.
+        format_version: on-disk format; ``None`` picks 1 without ``range_bits`` and 3 with it (signed
+            offset codes). 2 writes and reads coded ranges as older releases did (unsigned offset
+            codes). This release reads and writes versions 1 to 3.
     """
 
     def __init__(
@@ -130,17 +155,11 @@ class SplitQuantConfig(QuantizationConfigMixin):
             if fit != "mse":
                 raise ValueError(f"range_bits={range_bits} needs fit='mse' (codes are refitted to the coded ranges)")
         self.range_bits = range_bits
-        self.range_block = int_field("range_block", range_block, allowed="a positive integer", valid=lambda b: b >= 1)
-        if modules_to_not_convert is not None:
-            if isinstance(modules_to_not_convert, str) or not all(isinstance(m, str) for m in modules_to_not_convert):
-                raise TypeError(
-                    f"modules_to_not_convert must be None or a list of module names, got {modules_to_not_convert!r}"
-                )
-            modules_to_not_convert = list(modules_to_not_convert)
-        self.modules_to_not_convert = modules_to_not_convert
-        needed = stored_format.format_version(self.to_spec())
+        self.range_block = check_range_block(range_block, not_int=TypeError)
+        self.modules_to_not_convert = _module_names(modules_to_not_convert)
+        needed = 1 if range_bits is None else 2  # the oldest format that stores these settings
         if format_version is None:
-            format_version = needed
+            format_version = 1 if range_bits is None else FORMAT_VERSION
         version = int_field("format_version", format_version, allowed=f"an integer <= {FORMAT_VERSION}")
         if version > FORMAT_VERSION:
             raise ValueError(
@@ -184,6 +203,7 @@ class SplitQuantConfig(QuantizationConfigMixin):
             fit=self.fit,
             range_bits=self.range_bits,
             range_block=self.range_block,
+            signed_offsets=self.format_version >= 3,
         )
 
     def storage_settings(self) -> dict[str, Any]:

@@ -7,12 +7,15 @@ stored format and header checks in :mod:`optimum_splitquant.checkpoint`, the mat
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import inspect
 import logging
 import re
+import weakref
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -20,7 +23,14 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import ConversionOps, WeightConverter
 from transformers.quantizers import HfQuantizer
 
-from ..checkpoint.format import FORMAT_VERSION, PACKED, format_version, layer_tensors, stored_tensors
+from ..checkpoint.format import (
+    FORMAT_VERSION,
+    PACKED,
+    coded_version,
+    format_version,
+    layer_tensors,
+    stored_tensors,
+)
 from ..checkpoint.headers import (
     CheckpointIndex,
     check_consistency,
@@ -41,6 +51,9 @@ logger = logging.getLogger(__name__)
 
 _SCALE_DTYPE_FIELD = "config.json quantization_config.scale_dtype"
 
+_BASE_TAKES_MODEL = "model" in inspect.signature(HfQuantizer.update_weight_conversions).parameters
+"""transformers >= 5.21 passes the model to ``update_weight_conversions``; 5.16 to 5.20 pass the conversions alone."""
+
 
 class SplitQuantHfQuantizer(HfQuantizer):
     """Quantizes eligible layers as they stream in, or rebuilds them from a SplitQuant checkpoint."""
@@ -59,6 +72,7 @@ class SplitQuantHfQuantizer(HfQuantizer):
         self.loaded_layers: dict[str, str] = {}
         self._index: CheckpointIndex | None = None
         self._pending: list[str] = []  # checkpoint layers not found in the model yet
+        self._loading_model: weakref.ref[torch.nn.Module] | None = None
 
     @property
     def is_trainable(self) -> bool:
@@ -101,9 +115,16 @@ class SplitQuantHfQuantizer(HfQuantizer):
             return None  # codes, scales and offsets load as stored (the headers were checked against the config)
         return super().get_new_dtype(converter, param, dtype)
 
-    def update_weight_conversions(self, weight_conversions: list, model: torch.nn.Module) -> list:
-        conversions = super().update_weight_conversions(weight_conversions, model)
-        if self._index is not None:
+    def update_weight_conversions(self, weight_conversions: list, model: torch.nn.Module | None = None) -> list:
+        # transformers < 5.21 calls this without the model (see _BASE_TAKES_MODEL); the model is then the one
+        # being loaded, remembered by _process_model_before_weight_loading.
+        if model is None:
+            model = self._loading_model() if self._loading_model is not None else None
+        if _BASE_TAKES_MODEL:
+            conversions = super().update_weight_conversions(weight_conversions, model)
+        else:
+            conversions = super().update_weight_conversions(weight_conversions)
+        if self._index is not None and model is not None:
             # The conversions now include a `key_mapping` given to from_pretrained (one renaming per
             # entry, beside the model's own): layers whose stored names only it maps into the model are
             # rebuilt here (the model is still on the meta device). Without one, they are the model's own
@@ -116,6 +137,7 @@ class SplitQuantHfQuantizer(HfQuantizer):
         return conversions
 
     def _process_model_before_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> None:
+        self._loading_model = weakref.ref(model)  # a weak reference: the model holds this quantizer
         files = kwargs.get("checkpoint_files") or []
         index = read_checkpoint_index(files) if files else None
         if self.pre_quantized and index is not None:
@@ -145,7 +167,9 @@ class SplitQuantHfQuantizer(HfQuantizer):
 
     def _rebuild_from_checkpoint(self, model: torch.nn.Module, index: CheckpointIndex) -> list[str]:
         """Check the checkpoint's headers, then rebuild its SplitQuant layers; returns their names in the model."""
-        check_consistency(index, FORMAT_VERSION, self.quantization_config.storage_settings())
+        check_consistency(
+            index, FORMAT_VERSION, self.quantization_config.storage_settings(), coded_version=coded_version(self.spec)
+        )
         check_scale_dtype(index, self.quantization_config.scale_dtype, _SCALE_DTYPE_FIELD)
         self._index, self._pending = index, sorted(index.quantized_modules())
         rename = checkpoint_key_renamer(model)
@@ -216,22 +240,29 @@ class SplitQuantHfQuantizer(HfQuantizer):
             details = "; ".join(f"{name}: {msg}" for name, msg in sorted(self.load_errors.items()))
             raise ValueError(f"could not quantize {len(self.load_errors)} layer(s): {details}")
         loaded: dict[str, SplitQuantModule] = {}
+        offloaded: dict[str, SplitQuantModule] = {}  # stored tensors held by an offload hook (disk or CPU)
         for name, module in model.named_modules():
-            if not isinstance(module, SplitQuantModule) or hasattr(module, "_hf_hook"):
+            if not isinstance(module, SplitQuantModule):
                 continue
             if not module.is_quantized:
                 raise ValueError(
                     f"{name}.weight was not found in the checkpoint, so layer {name!r} could not be quantized; "
                     f"add it to SplitQuantConfig(modules_to_not_convert=[...]) to keep it in float"
                 )
-            for buf in stored_tensors(module.spec):
-                if getattr(module, buf).is_meta:
-                    raise ValueError(f"{name}.{buf} was not loaded (still on the meta device)")
+            on_meta = [buf for buf in stored_tensors(module.spec) if getattr(module, buf).is_meta]
+            if on_meta and _offloaded_weights(module) is not None:
+                offloaded[name] = module
+                continue
+            if on_meta:
+                raise ValueError(f"{name}.{on_meta[0]} was not loaded (still on the meta device)")
             # transformers sets the non-persistent buffers (here the decoded ranges) after loading: rebuild them.
             module.rebuild_ranges_()
             loaded[name] = module
         if self.pre_quantized:
             validate_layers(loaded, self.load_dtype)
+            for name, module in offloaded.items():  # one layer in memory at a time
+                with _onloaded(name, module):
+                    validate_layers({name: module}, self.load_dtype)
         else:
             own_float_tensors(model)
         return model
@@ -268,6 +299,50 @@ class SplitQuantHfQuantizer(HfQuantizer):
         if scale_dtype != self.quantization_config.scale_dtype:
             logger.info("SplitQuant: scales are held in %s (the model was cast); saved as such", scale_dtype)
             self.quantization_config.scale_dtype = scale_dtype
+
+
+def _offloaded_weights(module: torch.nn.Module) -> Mapping[str, torch.Tensor] | None:
+    """The tensors an offload hook holds for ``module`` off the model, by name, or None.
+
+    accelerate's ``AlignDevicesHook`` (``device_map`` with ``"disk"``, or ``"cpu"`` beside an accelerator)
+    leaves the module's tensors on the meta device and reads them from its ``weights_map`` (the offload
+    folder, the checkpoint files, or a CPU state dict) for each forward. Duck-typed: accelerate stays optional.
+    """
+    hook = getattr(module, "_hf_hook", None)
+    for candidate in getattr(hook, "hooks", (hook,)):  # a SequentialHook chains several
+        weights = getattr(candidate, "weights_map", None)
+        if getattr(candidate, "offload", False) and weights is not None:
+            return weights
+    return None
+
+
+@contextlib.contextmanager
+def _onloaded(name: str, module: SplitQuantModule) -> Iterator[None]:
+    """Within the block, ``module`` holds its offloaded stored tensors; afterwards it is as it was.
+
+    Only the stored tensors are read (not the bias); the ranges decoded from coded ones meanwhile are
+    dropped again, so the layer keeps no memory the offload meant to spare.
+    """
+    weights = _offloaded_weights(module)
+    buffers = dict(module._buffers)
+    ranges_from = module.__dict__.get("_ranges_from")
+    try:
+        for buf in stored_tensors(module.spec):
+            if module._buffers[buf].is_meta:
+                try:
+                    module._buffers[buf] = weights[buf]
+                except KeyError:
+                    raise ValueError(
+                        f"{name}.{buf} was not loaded (on the meta device, and not among the offloaded weights)"
+                    ) from None
+        yield
+    finally:
+        module._buffers.clear()
+        module._buffers.update(buffers)
+        if ranges_from is None:
+            module.__dict__.pop("_ranges_from", None)
+        else:
+            module._ranges_from = ranges_from
 
 
 class QuantizeOnLoad(ConversionOps):

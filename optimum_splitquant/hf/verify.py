@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from ..checkpoint.format import FORMAT_VERSION
+from ..checkpoint.format import FORMAT_VERSION, coded_version
 from ..checkpoint.headers import check_consistency, check_scale_dtype, read_checkpoint_index
 from ..report import size_report
 from .config import QUANT_METHOD, SplitQuantConfig
@@ -76,7 +76,7 @@ def verify_checkpoint(path: str | os.PathLike, *, load: bool = True) -> Checkpoi
         qconfig = SplitQuantConfig.from_dict(dict(qc))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{config_file}: invalid quantization_config: {exc}") from None
-    check_consistency(index, FORMAT_VERSION, qconfig.storage_settings())
+    check_consistency(index, FORMAT_VERSION, qconfig.storage_settings(), coded_version=coded_version(qconfig.to_spec()))
     check_scale_dtype(index, qconfig.scale_dtype, f"{config_file} quantization_config.scale_dtype")
     layers, bits = len(quantized), None
     if load:

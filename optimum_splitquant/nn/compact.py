@@ -9,7 +9,7 @@ kernel); a subclass says how its float weight maps onto those rows and how it co
 While a float checkpoint streams in, the layer also carries a float ``weight`` parameter (usually
 on the meta device) that :meth:`SplitQuantModule.quantize_` consumes and deletes.
 
-With coded ranges (``spec.range_bits``, format 2) the layer stores ``weight_range_codes`` and
+With coded ranges (``spec.range_bits``, formats 2 and 3) the layer stores ``weight_range_codes`` and
 ``weight_range_steps`` instead, and holds the scales and offsets they encode as non-persistent
 ``weight_scale`` / ``weight_offset`` buffers, rebuilt by :meth:`SplitQuantModule.rebuild_ranges_`
 (the quantizer calls it once a checkpoint has loaded; ``load_state_dict`` does too).
@@ -21,7 +21,6 @@ Optional non-persistent buffer: ``weight_cache`` (float ``(out_features, in_feat
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import torch
 from torch import nn
@@ -115,7 +114,7 @@ class SplitQuantModule(nn.Module):
 
     @property
     def coded(self) -> bool:
-        """Whether the ranges are stored as codes (``spec.range_bits``, format 2)."""
+        """Whether the ranges are stored as codes (``spec.range_bits``, formats 2 and 3)."""
         return self.spec.range_bits is not None
 
     def rebuild_ranges_(self) -> None:
@@ -124,11 +123,10 @@ class SplitQuantModule(nn.Module):
             return
         shape = (self.out_features, self.spec.num_groups(self.in_features), self.spec.num_clusters)
         coded = unpack_range_codes(self.weight_range_codes, self.weight_range_steps, shape[0] * shape[1], self.spec)
-        spec = self.spec
-        if coded.steps.dtype != spec.scale_dtype:  # the model was cast: decode in the steps' dtype
-            spec = replace(spec, scale_dtype=coded.steps.dtype)
-        scale, offset = decode_ranges(coded, spec)
-        self._set_decoded(scale.view(shape), offset.view(shape))
+        # Decoded as stored (rounded to spec.scale_dtype), then held in the steps' dtype where the model was
+        # cast: the same values as cast float ranges.
+        scale, offset = (t.to(coded.steps.dtype).view(shape) for t in decode_ranges(coded, self.spec))
+        self._set_decoded(scale, offset)
 
     def _set_decoded(self, scale: torch.Tensor, offset: torch.Tensor) -> None:
         self.register_buffer(SCALE, scale, persistent=False)

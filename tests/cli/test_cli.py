@@ -115,7 +115,7 @@ def test_quantize_with_coded_ranges(tiny_base, tmp_path):
     args = ["quantize", tiny_base, "--bits", "4", "--num-clusters", "1", "--group-size", "16", "--fit", "mse"]
     assert commands.main([*args, "--range-bits", "6", "--output", str(out)]) == 0
     saved = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert (saved["range_bits"], saved["range_block"], saved["format_version"]) == (6, 8, 2)
+    assert (saved["range_bits"], saved["range_block"], saved["format_version"]) == (6, 8, 3)
     assert "| coded ranges | 6-bit codes, steps shared by 8 ranges |" in (out / "README.md").read_text()
 
 

@@ -483,3 +483,32 @@ def test_mse_fit_reproduces_weights_on_a_coarser_grid(compiled: bool, monkeypatc
     w = (low + codes * step).reshape(8, 128)
     spec = QuantSpec(5, 1, group_size=32, fit="mse")
     assert torch.equal(dequant(quantize_weight(w, spec), spec), w)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec(bits=4, num_clusters=1, scale_dtype=torch.float32),
+        QuantSpec(bits=4, num_clusters=3, scale_dtype=torch.float32, fit="mse"),
+        QuantSpec(bits=4, num_clusters=1, group_size=32, scale_dtype=torch.float32, fit="mse", range_bits=6),
+    ],
+    ids=["minmax", "mse-k3", "mse-coded"],
+)
+def test_range_past_float32_is_refused_with_sound_advice(spec):
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    w[0, 0], w[0, 1] = 3e38, -3e38  # one row spans 6e38: no float32 step covers it
+    with pytest.raises(ValueError, match="float32") as info:
+        quantize_weight(w, spec)
+    message = str(info.value)
+    assert "use scale_dtype='float32'" not in message and "nan" not in message, message
+    assert "scale them down" in message
+
+
+def test_float64_weight_past_float32_is_refused():
+    w = torch.randn(8, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    w[0, 0] = 1e300  # would become inf in the float32 the quantizer computes in
+    with pytest.raises(ValueError, match=r"weight values reach 1e\+300, beyond float32"):
+        quantize_weight(w, QuantSpec(bits=2, num_clusters=3, scale_dtype=torch.float32))
+    w[0, 0] = 1e30  # a wide float64 weight inside float32's range still quantizes
+    q = quantize_weight(w, QuantSpec(bits=2, num_clusters=3, scale_dtype=torch.float32))
+    assert bool(torch.isfinite(q.scale).all())

@@ -1,4 +1,4 @@
-"""Coded ranges (format 2): encoding, decoding, packing, quantizing with them, settings and their size."""
+"""Coded ranges (formats 2 and 3): encoding, decoding, packing, quantizing with them, settings and their size."""
 
 from __future__ import annotations
 
@@ -11,12 +11,15 @@ import optimum_splitquant.core.quantize as quantize_module
 from optimum_splitquant.core import QuantSpec, dequantize_weight, packed_row_bytes, quantize_weight, unpack_rows
 from optimum_splitquant.core.ranges import (
     CodedRanges,
+    code_variants,
     decode_ranges,
     encode_ranges,
+    offset_zero,
     pack_range_codes,
     range_codes_bytes,
     unpack_range_codes,
 )
+from optimum_splitquant.core.spec import MAX_RANGE_BLOCK
 from tests.helpers import sqnr_db
 
 RANGE_BITS = (4, 5, 6, 7, 8)
@@ -49,14 +52,25 @@ def _per_line(steps: torch.Tensor, lines: int, block: int) -> torch.Tensor:
     return steps.float()[torch.arange(lines) // block]
 
 
+@pytest.mark.parametrize("signed", [True, False], ids=["format3", "format2"])
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("range_bits", RANGE_BITS)
 @pytest.mark.parametrize("k", CLUSTERS)
-def test_encode_decode_round_trip(k, range_bits, block, dtype):
-    spec = QuantSpec(bits=4, num_clusters=k, fit="mse", scale_dtype=dtype, range_bits=range_bits, range_block=block)
+def test_encode_decode_round_trip(k, range_bits, block, dtype, signed):
+    spec = QuantSpec(
+        bits=4,
+        num_clusters=k,
+        fit="mse",
+        scale_dtype=dtype,
+        range_bits=range_bits,
+        range_block=block,
+        signed_offsets=signed,
+    )
     scale, offset = _random_ranges(LINES, k, seed=range_bits * 100 + block * 10 + k)
     top = (1 << range_bits) - 1
+    zero = (1 << (range_bits - 1)) if signed else 0
+    assert offset_zero(spec) == zero
     blocks = -(-LINES // block)
 
     coded = encode_ranges(scale.to(dtype), offset.to(dtype), spec)
@@ -72,7 +86,7 @@ def test_encode_decode_round_trip(k, range_bits, block, dtype):
     steps = _per_line(coded.steps, LINES, block)
     scale_step, offset_step = steps[:, 0], steps[:, 1]
     assert torch.equal(dec_scale, (coded.scale_codes.float() * scale_step).to(dtype))
-    assert torch.equal(dec_offset, (coded.offset_codes.float() * offset_step).to(dtype))
+    assert torch.equal(dec_offset, ((coded.offset_codes.float() - zero) * offset_step).to(dtype))
     dec_scale, dec_offset = dec_scale.float(), dec_offset.float()
 
     # Steps cover their block: the largest scale and the largest-magnitude offset are within top codes.
@@ -81,8 +95,14 @@ def test_encode_decode_round_trip(k, range_bits, block, dtype):
     padded[:LINES] = scale
     block_max = padded.view(blocks, block, k).amax(1)
     assert bool((top * coded.steps[:, 0].float() >= block_max).all())
-    padded[:LINES] = offset.abs()
-    assert bool((top * coded.steps[:, 1].float().abs() >= padded.view(blocks, block, k).amax(1)).all())
+    if signed:
+        assert bool((offset_step >= 0).all())
+        for side, codes in ((offset.clamp(min=0), top - zero), (-offset.clamp(max=0), zero)):
+            padded[:LINES] = side
+            assert bool((codes * coded.steps[:, 1].float() >= padded.view(blocks, block, k).amax(1)).all())
+    else:
+        padded[:LINES] = offset.abs()
+        assert bool((top * coded.steps[:, 1].float().abs() >= padded.view(blocks, block, k).amax(1)).all())
 
     # Each block's largest scale is reproduced within one step.
     padded[:LINES] = scale
@@ -96,14 +116,43 @@ def test_encode_decode_round_trip(k, range_bits, block, dtype):
     assert bool((dec_scale[scale > 0] > 0).all())
     assert bool((dec_scale[scale == 0] == 0).all())
 
-    # Offsets on the side of their block's step: within half a step; the other side: stored as 0.
-    same = (offset * offset_step >= 0) & (offset_step != 0)
+    # Format 3: every offset within half a step. Format 2: offsets on the side of their block's step
+    # within half a step, the other side stored as 0.
+    same = (offset * offset_step >= 0) & (offset_step != 0) if not signed else offset_step > 0
     tol = offset_step.abs() / 2 * (1 + 1e-6) + _rounding(offset, dtype)
     assert bool(((dec_offset - offset).abs() <= tol)[same].all())
-    opposite = offset * offset_step < 0
-    assert bool((dec_offset[opposite] == 0).all())
+    if not signed:
+        opposite = offset * offset_step < 0
+        assert bool((dec_offset[opposite] == 0).all())
     zero_step = offset_step == 0
     assert bool((dec_offset[zero_step] == 0).all())
+
+
+@pytest.mark.parametrize("range_bits", [4, 6, 8])
+def test_code_variants_move_each_code_one_step(range_bits):
+    spec = QuantSpec(bits=4, num_clusters=2, fit="mse", range_bits=range_bits, range_block=3)
+    top = (1 << range_bits) - 1
+    scale_codes = torch.tensor([[0, 1], [2, top], [top - 1, 5]], dtype=torch.uint8)
+    offset_codes = torch.tensor([[0, 1], [top, 7], [3, top - 1]], dtype=torch.uint8)
+    steps = torch.ones(1, 2, 2, dtype=torch.float16)
+    variants = code_variants(CodedRanges(scale_codes, offset_codes, steps), spec)
+    s, o = scale_codes.long(), offset_codes.long()
+    down, up = (o - 1).clamp(min=0), (o + 1).clamp(max=top)
+    wider = torch.where(s > 0, (s + 1).clamp(max=top), 0)
+    narrower = torch.where(s > 0, (s - 1).clamp(min=1), 0)  # a non-zero scale stays non-zero
+    want = [(s, down), (s, up), (wider, o), (narrower, o), (wider, down), (narrower, up)]
+    assert len(variants) == len(want)
+    for variant, (ws, wo) in zip(variants, want, strict=True):
+        assert variant.steps is steps
+        assert torch.equal(variant.scale_codes.long(), ws) and torch.equal(variant.offset_codes.long(), wo)
+    with pytest.raises(ValueError, match="format 3"):
+        code_variants(
+            CodedRanges(scale_codes, offset_codes, steps), QuantSpec(**{**_spec_args(spec), "signed_offsets": False})
+        )
+
+
+def _spec_args(spec: QuantSpec) -> dict:
+    return {name: getattr(spec, name) for name in spec.__dataclass_fields__}
 
 
 def test_round_trip_inputs_reach_every_case():
@@ -113,7 +162,9 @@ def test_round_trip_inputs_reach_every_case():
     coded = encode_ranges(scale.half(), offset.half(), spec)
     step = _per_line(coded.steps, LINES, 8)
     assert bool(((scale > 0) & (scale < step[:, 0] / 2)).any()), "no scale below half a step"
-    assert bool((offset * step[:, 1] < 0).any()), "no offset of the opposite sign"
+    assert bool((offset > 0).any()) and bool((offset < 0).any()), "offsets of one sign only"
+    old = encode_ranges(scale.half(), offset.half(), QuantSpec(**{**_spec_args(spec), "signed_offsets": False}))
+    assert bool((offset * _per_line(old.steps, LINES, 8)[:, 1] < 0).any()), "no offset of the opposite sign"
 
 
 @pytest.mark.parametrize("range_bits", RANGE_BITS)
@@ -247,3 +298,58 @@ def test_bits_per_weight_counts_coded_side_data():
     assert math.isclose(spec.bits_per_weight(576), 4 + 2 * 4 * (6 + 16 / 8) / 576, rel_tol=1e-12)
     plain = QuantSpec(bits=4, num_clusters=1, group_size=64, fit="mse")
     assert plain.bits_per_weight(512) == 4.5  # two fp16 values per group of 64
+
+
+# Rows that share a block with very different ranges (format 3). Format 1 (the same settings with fp16
+# ranges) is the yardstick: coded ranges cost some accuracy, never a whole row or its block.
+FORMAT3 = QuantSpec(bits=4, num_clusters=1, group_size=32, fit="mse", range_bits=6, range_block=8)
+FORMAT1 = QuantSpec(bits=4, num_clusters=1, group_size=32, fit="mse")
+
+
+def _round_trip(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    q = quantize_weight(w, spec)
+    return dequantize_weight(q.packed, q.scale, q.offset, q.in_features, spec)
+
+
+def test_constant_row_round_trips():
+    w = _weight(64, 64, seed=5)
+    w[5] = 0.123  # a constant row among rows of negative minima: its block holds rows 4-7
+    coded, plain = ((_round_trip(w, spec) - w).abs() for spec in (FORMAT3, FORMAT1))
+    assert float(coded[5].max()) <= 2e-3  # an offset code step of this block; format 1: fp16 rounding
+    assert float(coded[[4, 6, 7]].max()) <= 1.5 * float(plain[[4, 6, 7]].max())
+
+
+def test_one_signed_row_spares_its_block():
+    w = _weight(64, 64, seed=6)
+    w[0] = w[0].abs() + 1  # all positive: rows 1-3 share its blocks (two lines a row, 8 lines a block)
+    coded, plain = ((_round_trip(w, spec) - w).abs() for spec in (FORMAT3, FORMAT1))
+    assert float(coded[1:4].max()) <= 2.5 * float(plain[1:4].max())
+    assert float(coded[0].max()) <= 2.5 * float(plain[0].max())
+    assert float(coded[4:].max()) <= 1.5 * float(plain[4:].max())
+
+
+@pytest.mark.parametrize("outlier", [100.0, -100.0])
+def test_one_outlier_does_not_ruin_its_block(outlier):
+    w = _weight(64, 64, seed=7)
+    w[0, 3] = outlier * 0.05  # 100 standard deviations, in line 0 of block 0 (rows 0-3)
+    coded, plain = ((_round_trip(w, spec) - w) for spec in (FORMAT3, FORMAT1))
+    rms = lambda e: float(torch.cat([e[0, 32:], e[1:4].reshape(-1)]).square().mean().sqrt())  # noqa: E731
+    assert rms(coded) <= 3.0 * rms(plain)  # the other seven lines of the block
+    assert float(coded[0, 3].abs()) <= 2.0 * float(plain[0, :32].abs().max())  # the outlier itself is kept
+
+
+def test_range_block_longer_than_the_lines_is_one_block():
+    w = _weight(12, 64, seed=8)  # 24 lines of 32
+    one_block = QuantSpec(bits=4, num_clusters=1, group_size=32, fit="mse", range_bits=6, range_block=24)
+    q = quantize_weight(w, one_block)
+    for block in (25, 1000, MAX_RANGE_BLOCK):
+        longer = quantize_weight(w, QuantSpec(**{**_spec_args(one_block), "range_block": block}))
+        assert longer.range_steps.shape == (1, 2, 1)
+        for name in ("packed", "range_codes", "range_steps", "scale", "offset"):
+            assert torch.equal(getattr(longer, name), getattr(q, name)), (block, name)
+
+
+@pytest.mark.parametrize("range_block", [MAX_RANGE_BLOCK + 1, 10**12])
+def test_spec_rejects_huge_range_block(range_block):
+    with pytest.raises(ValueError, match=rf"range_block must be an integer in \[1, {MAX_RANGE_BLOCK}\]"):
+        QuantSpec(bits=4, num_clusters=1, fit="mse", range_bits=6, range_block=range_block)

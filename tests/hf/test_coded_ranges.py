@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -58,11 +57,16 @@ def _rewrite(folder: Path, edit) -> None:
 
 
 def _decoded(codes: torch.Tensor, steps: torch.Tensor, lines: int, spec: QuantSpec):
-    """Scales and offsets ``(lines, k)`` of stored codes and steps, from the documented formula alone."""
+    """Scales and offsets ``(lines, k)`` of stored codes and steps, from the documented formula alone.
+
+    Products rounded to the stored ``scale_dtype``, then held in the steps' dtype (where a model was cast).
+    """
     k, r = spec.num_clusters, spec.range_bits
     symbols = unpack_rows(codes.reshape(1, -1), r, 2 * lines * k).reshape(2, lines, k).float()
+    zero = 1 << (r - 1) if spec.signed_offsets else 0  # format 3: signed offset codes
     per_line = steps.float()[torch.arange(lines) // spec.range_block]  # (lines, 2, k)
-    return (symbols[0] * per_line[:, 0]).to(steps.dtype), (symbols[1] * per_line[:, 1]).to(steps.dtype)
+    scale = (symbols[0] * per_line[:, 0]).to(spec.scale_dtype).to(steps.dtype)
+    return scale, ((symbols[1] - zero) * per_line[:, 1]).to(spec.scale_dtype).to(steps.dtype)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +112,7 @@ def test_save_and_reload_is_exact(coded, input_ids):
 def test_checkpoint_stores_codes_instead_of_ranges(coded):
     model, out = coded
     tensors, meta = _tensors(out)
-    assert meta[METADATA_FORMAT_KEY] == "2"
+    assert meta[METADATA_FORMAT_KEY] == "3"
     settings = json.loads(meta[METADATA_SETTINGS_KEY])
     assert settings["range_bits"] == 6 and settings["range_block"] == 8
     for name, layer in _layers(model).items():
@@ -126,7 +130,7 @@ def test_checkpoint_stores_codes_instead_of_ranges(coded):
         assert torch.equal(layer.weight_offset.reshape(lines, 1), offset)
     assert not any(key.endswith((f".{SCALE}", f".{OFFSET}")) for key in tensors)
     saved = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert saved["range_bits"] == 6 and saved["range_block"] == 8 and saved["format_version"] == 2
+    assert saved["range_bits"] == 6 and saved["range_block"] == 8 and saved["format_version"] == 3
     assert saved["fit"] == "mse" and saved["quant_method"] == "splitquant"
 
 
@@ -195,7 +199,7 @@ def test_wrong_shaped_codes_are_refused(coded, tmp_path):
 
 def test_config_validation_and_round_trip():
     cfg = SplitQuantConfig(**CODED)
-    assert cfg.format_version == 2 and cfg.range_block == 8
+    assert cfg.format_version == 3 and cfg.range_block == 8 and cfg.to_spec().signed_offsets
     assert cfg.to_spec().range_bits == 6 and cfg.to_spec().range_block == 8
     again = SplitQuantConfig(**cfg.to_dict())
     assert again == cfg and again.to_dict() == cfg.to_dict()
@@ -253,9 +257,8 @@ def test_cast_to_bfloat16_rebuilds_from_cast_steps():
     assert dst.weight_scale.dtype == dst.weight_offset.dtype == torch.bfloat16
     assert torch.equal(dst.weight_scale.reshape(lines, 2), scale)
     assert torch.equal(dst.weight_offset.reshape(lines, 2), offset)
-    bf16_spec = replace(spec, scale_dtype=torch.bfloat16)
-    coded = unpack_range_codes(dst.weight_range_codes, dst.weight_range_steps, lines, bf16_spec)
-    assert torch.equal(decode_ranges(coded, bf16_spec)[0], scale)
+    coded = unpack_range_codes(dst.weight_range_codes, dst.weight_range_steps, lines, spec)
+    assert torch.equal(decode_ranges(coded, spec)[0].to(torch.bfloat16), scale)
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         y = model(x.to(torch.bfloat16))
@@ -279,3 +282,48 @@ def test_cast_model_to_bfloat16_runs(coded, input_ids):
     logits = _logits(model, input_ids)
     assert logits.dtype == torch.bfloat16 and bool(torch.isfinite(logits).all())
     assert float((logits.float() - expected).abs().max()) <= 0.1 * float(expected.abs().max())
+
+
+def test_cast_to_float32_keeps_every_weight(coded):
+    _, out = coded
+    model = _load(out)
+    layers = _layers(model)
+    before = {name: layer.weight.detach().clone() for name, layer in layers.items()}
+    model.to(torch.float16).to(torch.float32)  # fp16 steps survive the round trip exactly
+    for name, layer in layers.items():
+        assert layer.weight_range_steps.dtype == torch.float32, name
+        assert torch.equal(layer.weight.detach(), before[name]), name
+
+
+def test_format_2_is_written_and_read_as_before(float_dir, tmp_path, input_ids):
+    cfg = SplitQuantConfig(**CODED, format_version=2)
+    assert not cfg.to_spec().signed_offsets
+    model = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=cfg).eval()
+    out = tmp_path / "v2"
+    model.save_pretrained(out)
+    tensors, meta = _tensors(out)
+    assert meta[METADATA_FORMAT_KEY] == "2"
+    for name, layer in _layers(model).items():  # unsigned offset codes times a signed step
+        lines = layer.out_features * (layer.in_features // 16)
+        scale, offset = _decoded(tensors[f"{name}.{RANGE_CODES}"], tensors[f"{name}.{RANGE_STEPS}"], lines, layer.spec)
+        assert torch.equal(layer.weight_offset.reshape(lines, 1), offset), name
+    again = _load(out)
+    assert torch.equal(_logits(again, input_ids), _logits(model, input_ids))
+
+    # A config.json that claims format 3 for these weights would read their offsets wrongly: refused.
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"]["format_version"] = 3
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="written in format 2 but config.json says format_version 3"):
+        _load(out)
+
+
+def test_range_block_is_bounded_and_a_long_block_is_one_block(float_dir):
+    with pytest.raises(ValueError, match=r"range_block must be an integer in \[1, 65536\]"):
+        SplitQuantConfig.for_budget(4.5, range_block=10**12)
+    with pytest.raises(TypeError, match="range_block"):
+        SplitQuantConfig(**CODED, range_block="8")
+    cfg = SplitQuantConfig(**CODED, range_block=65536)
+    model = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=cfg)
+    for name, layer in _layers(model).items():
+        assert layer.weight_range_steps.shape == (1, 2, 1), name

@@ -17,7 +17,7 @@ def test_defaults_and_spec():
     assert (cfg.bits, cfg.num_clusters, cfg.group_size, cfg.clustering) == (2, 3, None, "tensor")
     # Without coded ranges the oldest format that stores it (1, which every release reads) is written.
     assert cfg.format_version == 1 and cfg.quant_method == "splitquant"
-    assert SplitQuantConfig(bits=4, fit="mse", range_bits=6).format_version == FORMAT_VERSION == 2
+    assert SplitQuantConfig(bits=4, fit="mse", range_bits=6).format_version == FORMAT_VERSION == 3
     spec = cfg.to_spec()
     assert spec.symbol_width == 4 and spec.scale_dtype == torch.float16
 
@@ -37,6 +37,25 @@ def test_json_round_trip(kwargs):
     again = AutoQuantizationConfig.from_dict(json.loads(text))
     assert isinstance(again, SplitQuantConfig)
     assert again == cfg and again.to_dict() == json.loads(text)
+
+
+@pytest.mark.parametrize(
+    ("given", "stored"),
+    [
+        (None, None),
+        ([], []),
+        (["lm_head", "classifier"], ["lm_head", "classifier"]),
+        (("a", "b"), ["a", "b"]),
+        ({"pooler.dense", "classifier"}, ["classifier", "pooler.dense"]),
+        (frozenset({"a"}), ["a"]),
+    ],
+    ids=["none", "empty", "list", "tuple", "set-sorted", "frozenset"],
+)
+def test_modules_to_not_convert_is_stored_as_a_list(given, stored):
+    cfg = SplitQuantConfig(modules_to_not_convert=given)
+    assert cfg.modules_to_not_convert == stored
+    again = AutoQuantizationConfig.from_dict(json.loads(cfg.to_json_string()))
+    assert again == cfg and again.modules_to_not_convert == stored
 
 
 def test_round_trip_through_config_json(tmp_path):
@@ -65,8 +84,12 @@ def test_round_trip_through_config_json(tmp_path):
         (dict(group_size="64"), TypeError, r"group_size must be .*got '64'"),
         (dict(clustering="row"), ValueError, r"clustering must be one of \('tensor', 'channel'\), got 'row'"),
         (dict(scale_dtype="int8"), ValueError, r"scale_dtype must be one of .*got 'int8'"),
-        (dict(modules_to_not_convert="lm_head"), TypeError, r"modules_to_not_convert must be None or a list"),
-        (dict(format_version=3), ValueError, r"format_version 3 was written by a newer optimum-splitquant"),
+        (dict(modules_to_not_convert="lm_head"), TypeError, r"must be None or a list .*'lm_head': write \['lm_head'\]"),
+        (dict(modules_to_not_convert={"a": 1}), TypeError, r"modules_to_not_convert must be .*got dict \{'a': 1\}"),
+        (dict(modules_to_not_convert=range(2)), TypeError, r"modules_to_not_convert .*got range range\(0, 2\)"),
+        (dict(modules_to_not_convert=5), TypeError, r"modules_to_not_convert .*got int 5"),
+        (dict(modules_to_not_convert=["a", 1]), TypeError, r"modules_to_not_convert .*not names: \[1\]"),
+        (dict(format_version=4), ValueError, r"format_version 4 was written by a newer optimum-splitquant"),
         (dict(format_version=0), ValueError, r"format_version must be >= 1"),
         (dict(quant_method="gptq"), ValueError, r"quant_method must be 'splitquant', got 'gptq'"),
         (dict(bitz=2), TypeError, r"unknown field\(s\) \['bitz'\]"),

@@ -164,8 +164,8 @@ def test_config_from_another_save(copy_of):
 
 
 def test_unknown_format_version(copy_of):
-    edit_config(copy_of, lambda c: c["quantization_config"].update(format_version=3))
-    expect_refused(copy_of, "format_version 3 was written by a newer optimum-splitquant")
+    edit_config(copy_of, lambda c: c["quantization_config"].update(format_version=4))
+    expect_refused(copy_of, "format_version 4 was written by a newer optimum-splitquant")
 
 
 def test_unknown_config_key(copy_of):
