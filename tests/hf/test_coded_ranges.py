@@ -306,6 +306,7 @@ def test_format_2_is_written_and_read_as_before(float_dir, tmp_path, input_ids):
     for name, layer in _layers(model).items():  # unsigned offset codes times a signed step
         lines = layer.out_features * (layer.in_features // 16)
         scale, offset = _decoded(tensors[f"{name}.{RANGE_CODES}"], tensors[f"{name}.{RANGE_STEPS}"], lines, layer.spec)
+        assert torch.equal(layer.weight_scale.reshape(lines, 1), scale), name
         assert torch.equal(layer.weight_offset.reshape(lines, 1), offset), name
     again = _load(out)
     assert torch.equal(_logits(again, input_ids), _logits(model, input_ids))
@@ -314,7 +315,7 @@ def test_format_2_is_written_and_read_as_before(float_dir, tmp_path, input_ids):
     config = json.loads((out / "config.json").read_text())
     config["quantization_config"]["format_version"] = 3
     (out / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="written in format 2 but config.json says format_version 3"):
+    with pytest.raises(ValueError, match=r"written in format 2 but config\.json says format_version 3"):
         _load(out)
 
 
