@@ -132,7 +132,7 @@ def build_classifier(
 ) -> None:
     """Save to ``out_dir`` a BERT sequence classifier: the encoder at ``encoder_path`` plus a head trained on ``train``."""
     tokenizer = AutoTokenizer.from_pretrained(encoder_path)
-    encoder = AutoModel.from_pretrained(encoder_path, dtype=torch.float32).eval()
+    encoder = AutoModel.from_pretrained(encoder_path, dtype=torch.float32, use_safetensors=True).eval()
     if getattr(encoder, "pooler", None) is None:
         raise ValueError(f"{encoder_path}: expected a BERT-style encoder with a pooler")
     features = embed(encoder, tokenizer, train.texts, pooling="cls", max_length=MAX_LENGTH)
@@ -193,7 +193,7 @@ def ensure_classifier(
     train, test = split(data if data is not None else sms_spam(), n_test, seed=seed)
     with staged_folder(folder) as tmp:
         build_classifier(encoder, train, tmp, head_steps=head_steps)
-        model = AutoModelForSequenceClassification.from_pretrained(tmp, dtype=torch.float32)
+        model = AutoModelForSequenceClassification.from_pretrained(tmp, dtype=torch.float32, use_safetensors=True)
         accuracy, caught = _score(model, AutoTokenizer.from_pretrained(tmp), test)
         seconds = time.perf_counter() - start
         meta = {

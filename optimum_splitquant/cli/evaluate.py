@@ -15,7 +15,7 @@ from transformers import PretrainedConfig
 from . import data
 from .card import Metric
 from .console import CliError, out
-from .models import auto_class, load_config, load_tokenizer, model_source, resolve_task
+from .models import auto_class, load_config, load_model, load_tokenizer, model_source, resolve_task
 
 __all__ = ["cmd_evaluate", "evaluate_model", "metrics_table"]
 
@@ -110,7 +110,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     task = resolve_task(config, args.task)
     auto = auto_class(task)
     source = model_source(args.model)
-    model = auto.from_pretrained(source)
+    model = load_model(auto, source, config)
     tokenizer = load_tokenizer(args.tokenizer or source)
     base_ref = args.base
     if base_ref is None and getattr(config, "quantization_config", None):
@@ -119,8 +119,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if base_ref:
         local = data.local_model_path(base_ref)
         base_source = str(local) if local is not None else base_ref
-        load_config(base_source)
-        base = auto.from_pretrained(base_source)
+        base = load_model(auto, base_source, load_config(base_source))
         if tokenizer is None:
             tokenizer = load_tokenizer(base_source)
     start = time.perf_counter()

@@ -1,8 +1,10 @@
 """``optimum-splitquant quantize``: float model -> SplitQuant folder with tokenizer and model card (-> Hub).
 
 The folder is written in full before it appears at ``--output`` (a fresh folder swapped in, or an
-empty one filled), so an interrupted run leaves the previous state. A non-empty ``--output`` is
-replaced only with ``--overwrite``. A sentence-transformers input keeps its pipeline files
+empty one filled), so an interrupted run leaves the previous state (a run killed outright leaves a
+staging folder, which the next run removes). A non-empty ``--output`` is replaced only with
+``--overwrite``, and only if it holds a saved model. The input is read from safetensors only, never
+a pickle, on every path (``--evaluate`` too). A sentence-transformers input keeps its pipeline files
 (``modules.json``, pooling, normalization), so ``SentenceTransformer(output)`` embeds as the float
 model's pipeline does.
 """
@@ -12,19 +14,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import json
 import os
 import shutil
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import transformers
 from huggingface_hub import HfApi, constants, get_token
 from torch import nn
+from transformers import PretrainedConfig
 
-from ..checkpoint.saving import staged_folder
+from ..checkpoint.saving import remove_stale_staging, staged_folder, staging_folder
 from ..hf.config import SplitQuantConfig
 from ..hf.quantize_model import quantize_model
 from ..report import size_report
@@ -32,10 +35,24 @@ from . import data
 from .card import CardInfo, base_card_metadata, model_card
 from .console import CliError, one_line, out
 from .evaluate import evaluate_model, metrics_table
-from .models import auto_class, load_config, load_tokenizer, model_source, resolve_task, safetensors_bytes
+from .models import (
+    auto_class,
+    check_safetensors_only,
+    load_config,
+    load_model,
+    load_tokenizer,
+    model_source,
+    resolve_task,
+    safetensors_bytes,
+)
 from .sentence_files import copy_sentence_files, hub_sentence_folder, sentence_files
 
 __all__ = ["cmd_quantize"]
+
+# The staging folder of an output filled in place (inside it): ``.saving-<32 hex digits>``.
+_IN_PLACE_PREFIX = ".saving-"
+# A config.json larger than this is not a model's configuration.
+_MAX_CONFIG_BYTES = 16 * 2**20
 
 
 def _check_output(output: str, model: str, overwrite: bool = False) -> Path:
@@ -44,8 +61,9 @@ def _check_output(output: str, model: str, overwrite: bool = False) -> Path:
     Runs before anything is loaded or written: an empty value (an unset shell variable) would write
     into the current directory, and the model's folder (also through a symlink or ``..``) would
     have its float original replaced by the quantized one. A non-empty folder is replaced only with
-    ``overwrite``, and only if it holds a model (``config.json``) and neither the input model nor the
-    current directory. The returned path is absolute.
+    ``overwrite``, and only if it holds a saved model and neither the input model nor the current
+    directory. The staging folder that a killed earlier run left inside an output it was filling
+    in place is removed first (unless still in use). The returned path is absolute.
     """
     if not output.strip():
         raise CliError(
@@ -60,6 +78,8 @@ def _check_output(output: str, model: str, overwrite: bool = False) -> Path:
         )
     if path.exists() and not path.is_dir():
         raise CliError(f"output {output!r} exists and is not a directory")
+    if path.is_dir():
+        remove_stale_staging(path, _IN_PLACE_PREFIX)
     if path.is_dir() and any(path.iterdir()):
         if not overwrite:
             raise CliError(
@@ -86,11 +106,36 @@ def _check_replaceable(path: Path, output: str, model: str) -> None:
         )
     if os.path.ismount(real):
         raise CliError(f"output {output!r} is a mount point, which --overwrite cannot replace; use a folder inside it")
-    if not (path / "config.json").is_file():
+    missing = _not_a_saved_model(path)
+    if missing:
         raise CliError(
-            f"output folder {output!r} holds no saved model (no config.json), so --overwrite leaves it alone; "
+            f"output folder {output!r} holds no saved model ({missing}), so --overwrite leaves it alone; "
             "empty it yourself or choose another --output folder"
         )
+
+
+def _not_a_saved_model(folder: Path) -> str | None:
+    """What keeps ``folder`` from being a saved transformers model, or ``None`` if it is one.
+
+    A saved model has a ``config.json`` holding a JSON object with a ``model_type``, and safetensors
+    weights (``*.safetensors`` or a ``model.safetensors.index.json``).
+    """
+    config = folder / "config.json"
+    if not config.is_file():
+        return "no config.json"
+    if config.stat().st_size > _MAX_CONFIG_BYTES:
+        return f"config.json is larger than {_MAX_CONFIG_BYTES // 2**20} MiB, not a model configuration"
+    try:
+        content = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        return f"config.json is not valid JSON: {one_line(exc)}"
+    model_type = content.get("model_type") if isinstance(content, dict) else None
+    if not isinstance(model_type, str) or not model_type:
+        return "config.json has no model_type"
+    weights = [*folder.glob("*.safetensors"), folder / "model.safetensors.index.json"]
+    if not any(p.is_file() for p in weights):
+        return "no model weights: no *.safetensors file and no model.safetensors.index.json"
+    return None
 
 
 def _same_folder(output: Path, model: Path) -> bool:
@@ -137,7 +182,8 @@ def _staged_output(path: Path, replace: bool) -> Iterator[Path]:
 
     A new or replaced (``replace``: ``--overwrite``) folder is swapped in whole by
     :func:`~optimum_splitquant.checkpoint.saving.staged_folder`. An existing empty folder keeps its
-    identity: the files are written into a hidden folder inside it, then moved up, ``config.json``
+    identity: the files are written into a hidden, locked folder inside it
+    (:func:`~optimum_splitquant.checkpoint.saving.staging_folder`), then moved up, ``config.json``
     last, so an interruption never leaves something that loads as a model. Files that appear at
     ``path`` while the model is being written are never replaced without ``replace``.
     """
@@ -147,21 +193,18 @@ def _staged_output(path: Path, replace: bool) -> Iterator[Path]:
             if not replace:
                 _check_still_free(path, staging)
         return
-    staging = path / f".saving-{uuid.uuid4().hex}"
-    staging.mkdir()
-    moved: list[Path] = []
-    try:
-        yield staging
-        _check_still_free(path, staging)
-        for entry in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):
-            os.replace(entry, path / entry.name)
-            moved.append(path / entry.name)
-    except BaseException:
-        for done in moved:  # the folder was empty: leave it empty again
-            shutil.rmtree(done) if done.is_dir() else done.unlink()
-        raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with staging_folder(path, _IN_PLACE_PREFIX) as staging:
+        moved: list[Path] = []
+        try:
+            yield staging
+            _check_still_free(path, staging)
+            for entry in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):
+                os.replace(entry, path / entry.name)
+                moved.append(path / entry.name)
+        except BaseException:
+            for done in moved:  # the folder was empty: leave it empty again
+                shutil.rmtree(done) if done.is_dir() else done.unlink()
+            raise
 
 
 def _check_still_free(path: Path, staging: Path) -> None:
@@ -212,7 +255,7 @@ def _base_id(model: str) -> tuple[str | None, str]:
 
 
 def _load_quantized(
-    source: str, task: str, qconfig: SplitQuantConfig, keep_float: bool
+    source: str, config: PretrainedConfig, task: str, qconfig: SplitQuantConfig, keep_float: bool
 ) -> tuple[nn.Module, nn.Module | None, float]:
     """``(quantized model, float copy or None, seconds)``.
 
@@ -226,11 +269,11 @@ def _load_quantized(
     if not keep_float:
         transformers.utils.logging.enable_progress_bar()
         try:
-            model = auto.from_pretrained(source, quantization_config=qconfig)
+            model = load_model(auto, source, config, quantization_config=qconfig)
         finally:
             transformers.utils.logging.disable_progress_bar()
         return model, None, time.perf_counter() - start
-    model = auto.from_pretrained(source)
+    model = load_model(auto, source, config)
     float_model = copy.deepcopy(model)
     quantize_model(model, qconfig, progress=True)
     return model, float_model, time.perf_counter() - start
@@ -256,15 +299,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if getattr(config, "quantization_config", None):
         raise CliError(f"{args.model!r} is already quantized; quantize its float original instead")
     task = resolve_task(config, args.task)
+    source = model_source(args.model)
+    check_safetensors_only(source, config)
     local = Path(args.model).expanduser()
     st_root = local if local.is_dir() else hub_sentence_folder(args.model)
-    st_files = sentence_files(st_root) if st_root is not None else []
+    st_files = sentence_files(st_root) if st_root is not None else {}
     created = _prepare_output(output)
-    source = model_source(args.model)
     try:
         with _staged_output(output, replace=args.overwrite) as staging:
             tokenizer = load_tokenizer(source)
-            model, float_model, seconds = _load_quantized(source, task, qconfig, keep_float=args.evaluate)
+            model, float_model, seconds = _load_quantized(source, config, task, qconfig, keep_float=args.evaluate)
             metrics = evaluate_model(task, model, tokenizer, float_model, limit=args.limit) if args.evaluate else []
             del float_model
             model.save_pretrained(staging)

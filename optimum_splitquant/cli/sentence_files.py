@@ -10,19 +10,31 @@ Only what is safe is copied: plain files inside the input folder (``..`` and abs
 are refused, and so are symbolic links, except the links of a Hugging Face cache snapshot into its
 own ``blobs/``), from the root and the module folders that ``modules.json`` names, and only data
 files (JSON, text, safetensors, sentencepiece): never pickles or Python code.
+
+A module path naming the folder root (``""``, as sentence-transformers writes it, or ``"."``,
+which it reads the same way) is the place of the first module only, the transformer, whose
+files the quantized save replaces: it is skipped, the root is never walked, and a later module
+placed there is refused. The files are checked before the model loads and copied after, so each
+is pinned when checked (its device and inode) and copied from a descriptor opened without
+following a symbolic link and matched against that pin: a file swapped meanwhile, for a link or
+anything else, is refused, and nothing of it is copied.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import shutil
+import stat
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
+from typing import NamedTuple
 
 from .console import CliError
 
-__all__ = ["SAFE_SUFFIXES", "copy_sentence_files", "hub_sentence_folder", "sentence_files"]
+__all__ = ["SAFE_SUFFIXES", "FileIdentity", "copy_sentence_files", "hub_sentence_folder", "sentence_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,27 +42,46 @@ _ROOT_FILES = ("modules.json", "config_sentence_transformers.json")
 _ROOT_GLOB = "sentence_*_config.json"  # sentence_bert_config.json and its older per-architecture names
 # Data only: a module's pickled weights (.bin, .pt, .pkl) or code (.py) are never copied.
 SAFE_SUFFIXES = frozenset({".json", ".txt", ".safetensors", ".model"})
+# O_NOFOLLOW and O_NONBLOCK (a FIFO swapped in must not hang the open) where the OS has them.
+_NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_NO_BLOCK = getattr(os, "O_NONBLOCK", 0)
 
 
-def sentence_files(folder: Path) -> list[str]:
-    """Paths (relative to ``folder``, ``/``-separated) of its sentence-transformers files; ``[]`` if it has none.
+class FileIdentity(NamedTuple):
+    """The file a path named when it was checked: its device and inode, and whether a link led there."""
 
-    Raises ``CliError`` for a malformed ``modules.json``, a module path that leaves the folder, or a
-    symbolic link pointing elsewhere. Files that are not data (pickles, code) are left out with a warning.
+    device: int
+    inode: int
+    linked: bool  # a Hugging Face cache snapshot's link to its blob
+
+
+def sentence_files(folder: Path) -> dict[str, FileIdentity]:
+    """The sentence-transformers files of ``folder``: path (relative, ``/``-separated) -> the file checked.
+
+    ``{}`` if it has none. Raises ``CliError`` for a malformed ``modules.json``, a module path that
+    leaves the folder, a module other than the first placed in the folder root, a symbolic link
+    pointing elsewhere, or something that is not a regular file. Files that are not data (pickles,
+    code) are left out with a warning.
     """
     modules_json = folder / "modules.json"
     if not modules_json.exists():
-        return []
+        return {}
     modules = _read_modules(modules_json)
     _check_inside(folder, modules_json)
     files = [name for name in _ROOT_FILES if (folder / name).exists()]
     files += sorted(p.name for p in folder.glob(_ROOT_GLOB))
     for name in files:
         _check_inside(folder, folder / name)
-    for module in modules:
+    for position, module in enumerate(modules):
         path, kind = module["path"], str(module.get("type", ""))
-        if path == "":
-            continue  # the transformer itself, in the root: the quantized save and its tokenizer
+        if _is_root(path):
+            if position == 0:
+                continue  # the transformer itself: the quantized save and its tokenizer replace its files
+            raise CliError(
+                f"{str(modules_json)!r} places module {position} ({kind or 'of no type'}) in the model folder "
+                f"itself (path {path!r}); sentence-transformers keeps only its first module, the transformer, "
+                "there, so its files cannot be told from the model's: give the module its own sub-folder"
+            )
         if kind.rsplit(".", 1)[-1] == "Transformer":
             logger.warning(
                 "%s places the transformer in %r, not in the folder root: its float weights there would "
@@ -58,13 +89,13 @@ def sentence_files(folder: Path) -> list[str]:
                 modules_json,
                 path,
             )
-            return []
+            return {}
         module_dir = folder / path
         if not module_dir.exists() and not module_dir.is_symlink():
             continue  # e.g. Normalize, which has nothing to save
         _check_inside(folder, module_dir)
         files += _module_files(folder, module_dir)
-    return list(dict.fromkeys(files))  # a folder named by two modules is copied once
+    return {rel: _identify(folder, rel) for rel in files}  # a folder named by two modules is copied once
 
 
 def hub_sentence_folder(repo_id: str) -> Path | None:
@@ -84,7 +115,7 @@ def hub_sentence_folder(repo_id: str) -> Path | None:
     except Exception as exc:  # offline and not cached, no access, HTTP errors
         logger.debug("no modules.json for %s (%s)", repo_id, exc)
         return None
-    paths = [m["path"] for m in _read_modules(modules_json) if m["path"]]
+    paths = [PurePosixPath(m["path"]).as_posix() for m in _read_modules(modules_json) if not _is_root(m["path"])]
     patterns = [*_ROOT_FILES, _ROOT_GLOB] + [f"{p}/*{suffix}" for p in paths for suffix in sorted(SAFE_SUFFIXES)]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
@@ -93,17 +124,55 @@ def hub_sentence_folder(repo_id: str) -> Path | None:
         return None
 
 
-def copy_sentence_files(src: Path, files: list[str], dst: Path) -> None:
-    """Copy ``files`` (from :func:`sentence_files`) from ``src`` to ``dst``; never overwrites a saved file."""
-    for rel in files:
+def copy_sentence_files(src: Path, files: Mapping[str, FileIdentity], dst: Path) -> None:
+    """Copy ``files`` (from :func:`sentence_files`) from ``src`` to ``dst``; never overwrites a saved file.
+
+    Each is read through a descriptor that must reach the very file checked by :func:`sentence_files`;
+    one that was replaced since (by a symbolic link or otherwise) raises ``CliError`` naming it.
+    """
+    for rel, identity in files.items():
         target = dst / rel
         if target.exists():
             logger.warning("%s was written by the save itself; the copy from %s is skipped", rel, src)
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src / rel, target)
+        _copy_checked(src / rel, identity, target)
     if files:
         logger.info("copied the sentence-transformers pipeline files: %s", ", ".join(files))
+
+
+def _identify(folder: Path, rel: str) -> FileIdentity:
+    """The identity of the checked file ``folder/rel``; ``CliError`` unless it is a regular file."""
+    path = folder / rel
+    try:
+        st = os.stat(path)  # a Hub snapshot's link is followed to its blob (checked by _check_inside)
+    except OSError as exc:
+        raise CliError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise CliError(f"{str(path)!r} is not a regular file; sentence-transformers files are copied only as files")
+    return FileIdentity(st.st_dev, st.st_ino, path.is_symlink())
+
+
+def _copy_checked(path: Path, identity: FileIdentity, target: Path) -> None:
+    """Copy ``path`` to the new file ``target`` from a descriptor, if it is still the file ``identity`` pins."""
+
+    def replaced(how: str) -> CliError:
+        return CliError(
+            f"{str(path)!r} was replaced after it was checked (before the model loaded), {how}; nothing of it is "
+            "copied and the quantized model is not saved: make sure nothing changes the model folder, then run again"
+        )
+
+    try:
+        fd = os.open(path, os.O_RDONLY | _NO_BLOCK | (0 if identity.linked else _NO_FOLLOW))
+    except OSError as exc:
+        how = "by a symbolic link" if exc.errno == errno.ELOOP else f"and cannot be opened ({exc.strerror or exc})"
+        raise replaced(how) from exc
+    with open(fd, "rb") as source:
+        st = os.fstat(source.fileno())
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (identity.device, identity.inode):
+            raise replaced("by another file")
+        with open(target, "xb") as copy:
+            shutil.copyfileobj(source, copy)
 
 
 def _read_modules(modules_json: Path) -> list[dict]:
@@ -123,6 +192,11 @@ def _read_modules(modules_json: Path) -> list[dict]:
                 "only sub-folders of the model folder are copied"
             )
     return modules
+
+
+def _is_root(path: str) -> bool:
+    """Whether a module path names the model folder itself: ``""``, ``"."``, ``"./"``, ..."""
+    return not PurePosixPath(path).parts
 
 
 def _module_files(folder: Path, module_dir: Path) -> list[str]:

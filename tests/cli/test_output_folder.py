@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -181,4 +184,82 @@ def test_files_that_appear_meanwhile_are_never_replaced(start, base, tmp_path, m
     _assert_one_error_line(capsys.readouterr().err, "received other files while the model was being written")
     assert [p.name for p in out.iterdir()] == ["config.json"]
     assert (out / "config.json").read_text() == '{"theirs": true}\n'
+    assert _leftovers(tmp_path) == []
+
+
+def _not_a_model(folder: Path, config: str | None, weights: bool = False) -> Path:
+    """A project folder: a git repository, data, notes, and maybe a config.json and weights."""
+    folder.mkdir()
+    (folder / ".git").mkdir()
+    (folder / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (folder / "data").mkdir()
+    (folder / "data" / "train.csv").write_text("text,label\nhi,0\n")
+    (folder / "notes.txt").write_text("mine\n")
+    if config is not None:
+        (folder / "config.json").write_text(config)
+    if weights:
+        (folder / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("config", "weights", "missing"),
+    [
+        ('{"a": 1}', True, "config.json has no model_type"),
+        ('{"model_type": ""}', True, "config.json has no model_type"),
+        ('["bert"]', True, "config.json has no model_type"),
+        ("not json", True, "config.json is not valid JSON"),
+        (
+            '{"model_type": "bert"}',
+            False,
+            "no model weights: no *.safetensors file and no model.safetensors.index.json",
+        ),
+    ],
+    ids=["no-model-type", "empty-model-type", "not-an-object", "not-json", "no-weights"],
+)
+def test_overwrite_refuses_a_folder_that_only_looks_like_a_model(config, weights, missing, base, tmp_path, capsys):
+    work = _not_a_model(tmp_path / "project", config, weights)
+    before = _snapshot(work)
+    assert _quantize(base, work, "--overwrite") == 1
+    _assert_one_error_line(capsys.readouterr().err, f"output folder '{work}' holds no saved model ({missing}")
+    assert _snapshot(work) == before and (work / ".git").is_dir()
+
+
+def test_overwrite_replaces_a_sharded_save(saved, base, capsys):
+    (saved / "model.safetensors").rename(saved / "model-00001-of-00001.safetensors")
+    assert _quantize(base, saved, "--overwrite", bits=4) == 0
+    assert _bits(saved) == 4
+
+
+# ---- staging folders of a run killed with kill -9 ------------------------------------------------------------
+
+# What a killed run leaves: its staging folder, half written (a dead process holds no lock on it).
+_KILLED = """
+import os, signal, sys
+os.mkdir(sys.argv[1])
+with open(os.path.join(sys.argv[1], "model.safetensors"), "wb") as f:
+    f.write(b"half written")
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _killed_run(staging: Path) -> None:
+    proc = subprocess.run([sys.executable, "-c", _KILLED, str(staging)], check=False)
+    assert proc.returncode == -signal.SIGKILL and (staging / "model.safetensors").is_file()
+
+
+def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(base, tmp_path, capsys):
+    out = tmp_path / "int2"
+    _killed_run(tmp_path / f".int2.saving-{'a' * 32}")
+    assert _quantize(base, out) == 0
+    assert _leftovers(tmp_path) == [] and _bits(out) == 2
+
+
+def test_a_killed_in_place_run_leaves_the_folder_empty_for_the_next_run(base, tmp_path, capsys):
+    out = tmp_path / "empty"
+    out.mkdir()
+    inode = out.stat().st_ino
+    _killed_run(out / f".saving-{'b' * 32}")
+    assert _quantize(base, out) == 0  # no --overwrite needed: only our own leftover was there
+    assert out.stat().st_ino == inode and _bits(out) == 2
     assert _leftovers(tmp_path) == []

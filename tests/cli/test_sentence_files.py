@@ -14,7 +14,7 @@ from transformers import AutoModel, AutoTokenizer, BertModel
 
 import optimum_splitquant  # noqa: F401  (registers the quantizer before any load)
 from optimum_splitquant import SplitQuantConfig
-from optimum_splitquant.cli import commands
+from optimum_splitquant.cli import commands, quantize
 from optimum_splitquant.cli.console import CliError
 from optimum_splitquant.cli.data import minilm_path
 from optimum_splitquant.cli.sentence_files import copy_sentence_files, sentence_files
@@ -113,7 +113,7 @@ def test_only_data_files_of_listed_modules_are_copied(tmp_path, caplog):
     (src / "3_Unlisted" / "config.json").write_text("{}")
     with caplog.at_level(logging.WARNING, logger="optimum_splitquant"):
         files = sentence_files(src)
-    assert files == [
+    assert list(files) == [
         "modules.json",
         "config_sentence_transformers.json",
         "sentence_bert_config.json",
@@ -132,7 +132,7 @@ def test_only_data_files_of_listed_modules_are_copied(tmp_path, caplog):
 
 def test_a_folder_without_modules_json_has_none(tmp_path):
     torch.manual_seed(0)
-    assert sentence_files(Path(_save(BertModel(_bert_config()), tmp_path / "plain"))) == []
+    assert sentence_files(Path(_save(BertModel(_bert_config()), tmp_path / "plain"))) == {}
 
 
 @pytest.mark.parametrize(
@@ -222,7 +222,7 @@ def test_a_transformer_outside_the_root_copies_nothing(tmp_path, caplog):
     modules = [{"path": "0_Transformer", "type": "sentence_transformers.models.Transformer"}, MODULES[1]]
     src = _st_folder(tmp_path / "st", modules)
     with caplog.at_level(logging.WARNING, logger="optimum_splitquant"):
-        assert sentence_files(src) == []
+        assert sentence_files(src) == {}
     assert "not in the folder root" in caplog.text
 
 
@@ -232,3 +232,121 @@ def test_the_cli_refuses_a_bad_modules_json_before_writing(tmp_path, capsys):
     assert commands.main(["quantize", str(src), "--bits", "2", "--output", str(tmp_path / "out")]) == 1
     _assert_one_error_line(capsys.readouterr().err, "names the module path '../x', which leaves the model folder")
     assert not (tmp_path / "out").exists() and _snapshot(src) == before
+
+
+# ---- module paths naming the folder root ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("root", ["", ".", "./"], ids=["empty", "dot", "dot-slash"])
+def test_the_transformer_in_the_root_is_skipped_however_written(root, tmp_path):
+    src = _st_folder(tmp_path / "st", [{**MODULES[0], "path": root}, *MODULES[1:]])
+    (src / "notes.json").write_text('{"private": true}')
+    assert list(sentence_files(src)) == [
+        "modules.json",
+        "config_sentence_transformers.json",
+        "sentence_bert_config.json",
+        "1_Pooling/config.json",
+    ]
+
+
+@pytest.mark.parametrize("root", ["", ".", "./"], ids=["empty", "dot", "dot-slash"])
+def test_a_later_module_in_the_root_is_refused(root, tmp_path):
+    src = _st_folder(tmp_path / "st", [MODULES[0], {**MODULES[1], "path": root}, MODULES[2]])
+    with pytest.raises(
+        CliError, match=r"places module 1 \(sentence_transformers\.models\.Pooling\) in the model folder"
+    ):
+        sentence_files(src)
+
+
+def test_the_cli_never_copies_the_root_for_a_module_placed_there(tmp_path, capsys):
+    src = _st_folder(tmp_path / "st", [MODULES[0], {**MODULES[1], "path": "."}, MODULES[2]])
+    (src / "private.txt").write_text("secret\n")
+    before = _snapshot(src)
+    out = tmp_path / "out"
+    assert commands.main(["quantize", str(src), "--bits", "8", "--output", str(out)]) == 1
+    _assert_one_error_line(capsys.readouterr().err, "places module 1 (sentence_transformers.models.Pooling)")
+    assert not out.exists() and _snapshot(src) == before
+
+
+def test_a_transformer_at_dot_keeps_the_pipeline_and_a_checkable_output(tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from optimum_splitquant import verify_checkpoint
+
+    src = _st_folder(tmp_path / "st", [{**MODULES[0], "path": "."}, *MODULES[1:]])
+    (src / "private.txt").write_text("secret\n")
+    out = tmp_path / "int8"
+    assert commands.main(["quantize", str(src), "--bits", "8", "--output", str(out)]) == 0
+    assert (out / "1_Pooling" / "config.json").is_file() and not (out / "private.txt").exists()
+    verify_checkpoint(out, load=False)
+    st = SentenceTransformer(str(out), device="cpu")
+    assert [type(m).__name__ for m in st] == ["Transformer", "Pooling", "Normalize"]
+
+
+# ---- a file swapped for a symbolic link between the check and the copy ---------------------------------------
+
+
+def _secret(tmp_path: Path) -> Path:
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "config.json").write_text('{"password": "hunter2"}')
+    return secret
+
+
+def _swap_for_link(src: Path, secret: Path, what: str) -> None:
+    """Replace the pooling config (or its whole folder) by a symbolic link to ``secret``'s."""
+    if what == "file":
+        (src / "1_Pooling" / "config.json").unlink()
+        (src / "1_Pooling" / "config.json").symlink_to(secret / "config.json")
+    else:
+        os.rename(src / "1_Pooling", src.parent / "pooling-moved")
+        (src / "1_Pooling").symlink_to(secret, target_is_directory=True)
+
+
+SWAPS = [("file", "by a symbolic link"), ("folder", "by another file")]
+
+
+@pytest.mark.parametrize(("what", "how"), SWAPS, ids=["file", "folder"])
+def test_a_file_swapped_for_a_link_while_the_model_loads_is_refused(what, how, tmp_path, monkeypatch, capsys):
+    src, secret = _st_folder(tmp_path / "st"), _secret(tmp_path)
+    real_load = quantize._load_quantized
+
+    def load_while_swapping(*args, **kwargs):
+        _swap_for_link(src, secret, what)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(quantize, "_load_quantized", load_while_swapping)
+    out = tmp_path / "out"
+    assert commands.main(["quantize", str(src), "--bits", "8", "--output", str(out)]) == 1
+    _assert_one_error_line(
+        capsys.readouterr().err,
+        f"'{src / '1_Pooling' / 'config.json'}' was replaced after it was checked (before the model loaded), {how};",
+    )
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []  # no staging folder left
+
+
+@pytest.mark.parametrize(("what", "how"), SWAPS, ids=["file", "folder"])
+def test_copy_refuses_a_file_swapped_since_the_check(what, how, tmp_path):
+    src, secret = _st_folder(tmp_path / "st"), _secret(tmp_path)
+    files = sentence_files(src)
+    _swap_for_link(src, secret, what)
+    dst = tmp_path / "out"
+    dst.mkdir()
+    with pytest.raises(CliError, match=f"1_Pooling/config.json' was replaced after it was checked .*, {how}"):
+        copy_sentence_files(src, files, dst)
+    assert not any("hunter2" in p.read_text() for p in dst.rglob("*") if p.is_file())
+
+
+def test_copy_refuses_a_hub_snapshot_link_pointed_at_another_blob(tmp_path):
+    snapshot = _as_hub_cache(_st_folder(tmp_path / "built"), tmp_path / "models--me--st")
+    files = sentence_files(snapshot)
+    link = snapshot / "1_Pooling" / "config.json"
+    other_blob = (snapshot / "sentence_bert_config.json").resolve()
+    link.unlink()
+    link.symlink_to(os.path.relpath(other_blob, link.parent))
+    dst = tmp_path / "out"
+    dst.mkdir()
+    with pytest.raises(CliError, match=r"1_Pooling/config.json' was replaced after it was checked .*, by another file"):
+        copy_sentence_files(snapshot, files, dst)
+    assert not (dst / "1_Pooling" / "config.json").exists()
