@@ -1,0 +1,96 @@
+"""The vLLM layer's arithmetic, without vLLM: the forward pass and the decoding of coded ranges.
+
+The forward pass uses the fastest path the package has for the tensors at hand, as
+:class:`~optimum_splitquant.nn.SplitQuantLinear` does:
+
+* CUDA tensors with Triton (:mod:`optimum_splitquant.kernels.triton_ops`): its fused op or its
+  dequantize, then one GEMM.
+* CPU, fp32 input of at most :data:`FUSED_MAX_TOKENS` tokens, compiled kernels loaded
+  (:mod:`optimum_splitquant.kernels`): one fused op reading the packed bytes (fp32 summation order
+  differs from the plain path by ~1e-6 relative).
+* otherwise: dequantize (compiled kernel when loaded, else :func:`~optimum_splitquant.core.dequantize_weight`,
+  bit-identical), then one ``F.linear`` in the input dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+from .. import kernels
+from ..core.quantize import dequantize_weight
+from ..core.ranges import decode_ranges, unpack_range_codes
+from ..core.spec import QuantSpec
+from ..kernels import triton_ops
+
+__all__ = ["FUSED_MAX_TOKENS", "decode_layer_ranges", "dequantize", "linear"]
+
+FUSED_MAX_TOKENS = 32
+"""Calls with at most this many fp32 tokens use the fused CPU kernel: it beats dequantize + GEMM up to
+about 32 tokens on 2 cores (:mod:`optimum_splitquant.nn.linear`), which covers a decode step of a batch
+of up to 32 sequences; a prefill of more tokens dequantizes once and runs one GEMM."""
+
+
+def decode_layer_ranges(
+    codes: torch.Tensor, steps: torch.Tensor, rows: int, groups: int, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, offset)`` of shape ``(rows, groups, num_clusters)`` from a layer's stored range codes and steps.
+
+    Decodes through :func:`~optimum_splitquant.core.ranges.unpack_range_codes` and
+    :func:`~optimum_splitquant.core.ranges.decode_ranges` with the layer's ``spec`` (in the steps' dtype
+    when they were cast), so the meaning of the codes is the core's.
+    """
+    if steps.dtype != spec.scale_dtype:
+        spec = replace(spec, scale_dtype=steps.dtype)
+    coded = unpack_range_codes(codes, steps, rows * groups, spec)
+    scale, offset = decode_ranges(coded, spec)
+    shape = (rows, groups, spec.num_clusters)
+    return scale.reshape(shape), offset.reshape(shape)
+
+
+def dequantize(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor,
+    in_features: int,
+    spec: QuantSpec,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The ``(rows, in_features)`` weight in ``dtype``, bit-identical to ``core.dequantize_weight``."""
+    if packed.device.type == "cuda" and triton_ops.available():
+        return triton_ops.dequantize(packed, scale, offset, in_features, spec.bits, spec.symbol_width, dtype)
+    if packed.device.type == "cpu" and kernels.available():
+        w = kernels.dequantize(packed, scale, offset, in_features, spec.bits, spec.symbol_width)
+        return w if dtype == torch.float32 else w.to(dtype)
+    return dequantize_weight(packed, scale, offset, in_features, spec, dtype)
+
+
+def linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_features: int,
+    spec: QuantSpec,
+    fused_max_tokens: int = FUSED_MAX_TOKENS,
+) -> torch.Tensor:
+    """``x @ W.T + bias`` for the weight stored in ``packed`` / ``scale`` / ``offset`` (see the module docstring)."""
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    if x.device.type == "cuda" and packed.device.type == "cuda" and triton_ops.available():
+        return triton_ops.forward(x, packed, scale, offset, bias, in_features, spec.bits, spec.symbol_width)
+    tokens = x.numel() // in_features if in_features else 0
+    if (
+        x.dtype == torch.float32
+        and 0 < tokens <= fused_max_tokens
+        and x.device.type == "cpu"
+        and packed.device.type == "cpu"
+        and kernels.available()
+    ):
+        flat = x.reshape(tokens, in_features).contiguous()
+        y = kernels.linear(flat, packed, scale, offset, bias, in_features, spec.bits, spec.symbol_width)
+        return y.view(*x.shape[:-1], packed.shape[0])
+    return F.linear(x, dequantize(packed, scale, offset, in_features, spec, x.dtype), bias)
