@@ -95,13 +95,12 @@ class QuantSpec:
     signed_offsets: bool = True
 
     def __post_init__(self) -> None:
-        int_field(
-            "bits", self.bits, allowed=f"one of {SUPPORTED_BITS}", valid=SUPPORTED_BITS.__contains__, not_int=ValueError
-        )
-        check_num_clusters(self.num_clusters)
+        # The one validation of the settings (SplitQuantConfig delegates here): TypeError for a value of the
+        # wrong type, ValueError for a wrong value, each message naming the field.
+        int_field("bits", self.bits, allowed=f"one of {SUPPORTED_BITS}", valid=SUPPORTED_BITS.__contains__)
+        check_num_clusters(self.num_clusters, not_int=TypeError)
         if self.group_size is not None:
-            positive = "None or a positive integer"
-            int_field("group_size", self.group_size, allowed=positive, valid=lambda g: g >= 1, not_int=ValueError)
+            int_field("group_size", self.group_size, allowed="None or a positive integer", valid=lambda g: g >= 1)
         if self.clustering not in CLUSTERINGS:
             raise ValueError(f"clustering must be one of {CLUSTERINGS}, got {self.clustering!r}")
         if self.fit not in FITS:
@@ -110,14 +109,14 @@ class QuantSpec:
             raise ValueError(f"scale_dtype must be one of {tuple(SCALE_DTYPES)}, got {self.scale_dtype!r}")
         if self.range_bits is not None:
             allowed = f"None or one of {RANGE_BITS}"
-            int_field("range_bits", self.range_bits, allowed=allowed, valid=RANGE_BITS.__contains__, not_int=ValueError)
+            int_field("range_bits", self.range_bits, allowed=allowed, valid=RANGE_BITS.__contains__)
             if self.fit != "mse":
                 raise ValueError(
                     f"range_bits={self.range_bits} needs fit='mse' (codes are refitted to the coded ranges)"
                 )
-        check_range_block(self.range_block)
+        check_range_block(self.range_block, not_int=TypeError)
         if not isinstance(self.signed_offsets, bool):
-            raise ValueError(f"signed_offsets must be a bool, got {self.signed_offsets!r}")
+            raise TypeError(f"signed_offsets must be a bool, got {self.signed_offsets!r}")
 
     @property
     def levels(self) -> int:

@@ -16,14 +16,8 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..checkpoint.format import FORMAT_VERSION
 from ..core.spec import (
-    CLUSTERINGS,
-    FITS,
-    RANGE_BITS,
     SCALE_DTYPES,
-    SUPPORTED_BITS,
     QuantSpec,
-    check_num_clusters,
-    check_range_block,
     int_field,
 )
 
@@ -58,6 +52,24 @@ _BUDGET_TABLE: tuple[dict[str, Any], ...] = (
     {"bits": 4, "num_clusters": 1, "group_size": 32, "fit": "mse"},  # 5.0
     {"bits": 5, "num_clusters": 1, "group_size": 32, "fit": "mse"},  # 6.0
 )
+
+
+def _format_version(value: Any, range_bits: int | None) -> int:
+    """The validated ``format_version``: ``None`` picks 1 without coded ranges, else the newest."""
+    if value is None:
+        return 1 if range_bits is None else FORMAT_VERSION
+    version = int_field("format_version", value, allowed=f"an integer <= {FORMAT_VERSION}")
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"format_version {version} was written by a newer optimum-splitquant; this release reads format "
+            f"<= {FORMAT_VERSION}: upgrade with `pip install -U optimum-splitquant`"
+        )
+    if version < 1:
+        raise ValueError(f"format_version must be >= 1, got {version}")
+    needed = 1 if range_bits is None else 2  # the oldest format that stores these settings
+    if version < needed:
+        raise ValueError(f"range_bits={range_bits} needs format_version >= {needed}, got {version}")
+    return version
 
 
 def _module_names(value: Any) -> list[str] | None:
@@ -131,46 +143,23 @@ class SplitQuantConfig(QuantizationConfigMixin):
             )
         if quant_method != QUANT_METHOD:
             raise ValueError(f"quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
-        self.quant_method = QUANT_METHOD
-        self.bits = int_field("bits", bits, allowed=f"one of {SUPPORTED_BITS}", valid=SUPPORTED_BITS.__contains__)
-        self.num_clusters = check_num_clusters(num_clusters, not_int=TypeError)
-        if group_size is not None:
-            group_size = int_field(
-                "group_size", group_size, allowed="None or a positive integer", valid=lambda g: g >= 1
-            )
-        self.group_size = group_size
-        if clustering not in CLUSTERINGS:
-            raise ValueError(f"clustering must be one of {CLUSTERINGS}, got {clustering!r}")
-        self.clustering = clustering
         if scale_dtype not in SCALE_DTYPES:
             raise ValueError(f"scale_dtype must be one of {tuple(SCALE_DTYPES)}, got {scale_dtype!r}")
-        self.scale_dtype = scale_dtype
-        if fit not in FITS:
-            raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
-        self.fit = fit
-        if range_bits is not None:
-            range_bits = int_field(
-                "range_bits", range_bits, allowed=f"None or one of {RANGE_BITS}", valid=RANGE_BITS.__contains__
-            )
-            if fit != "mse":
-                raise ValueError(f"range_bits={range_bits} needs fit='mse' (codes are refitted to the coded ranges)")
-        self.range_bits = range_bits
-        self.range_block = check_range_block(range_block, not_int=TypeError)
+        QuantSpec(  # the one validation of the settings (same exception types and messages)
+            bits=bits,
+            num_clusters=num_clusters,
+            group_size=group_size,
+            clustering=clustering,
+            scale_dtype=SCALE_DTYPES[scale_dtype],
+            fit=fit,
+            range_bits=range_bits,
+            range_block=range_block,
+        )
+        self.quant_method = QUANT_METHOD
+        self.bits, self.num_clusters, self.group_size, self.clustering = bits, num_clusters, group_size, clustering
+        self.scale_dtype, self.fit, self.range_bits, self.range_block = scale_dtype, fit, range_bits, range_block
         self.modules_to_not_convert = _module_names(modules_to_not_convert)
-        needed = 1 if range_bits is None else 2  # the oldest format that stores these settings
-        if format_version is None:
-            format_version = 1 if range_bits is None else FORMAT_VERSION
-        version = int_field("format_version", format_version, allowed=f"an integer <= {FORMAT_VERSION}")
-        if version > FORMAT_VERSION:
-            raise ValueError(
-                f"format_version {version} was written by a newer optimum-splitquant; this release reads format "
-                f"<= {FORMAT_VERSION}: upgrade with `pip install -U optimum-splitquant`"
-            )
-        if version < 1:
-            raise ValueError(f"format_version must be >= 1, got {version}")
-        if version < needed:
-            raise ValueError(f"range_bits={self.range_bits} needs format_version >= {needed}, got {version}")
-        self.format_version = version
+        self.format_version = _format_version(format_version, range_bits)
 
     @classmethod
     def for_budget(cls, bits_per_weight: float, **overrides: Any) -> SplitQuantConfig:

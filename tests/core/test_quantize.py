@@ -361,23 +361,26 @@ def test_spec_symbol_width(k: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs",
+    ("kwargs", "error", "field"),
     [
-        {"bits": 1},
-        {"bits": 9},
-        {"bits": True},
-        {"bits": 4.0},
-        {"bits": 2, "num_clusters": 0},
-        {"bits": 2, "num_clusters": MAX_CLUSTERS + 1},
-        {"bits": 2, "group_size": 0},
-        {"bits": 2, "group_size": -8},
-        {"bits": 2, "clustering": "row"},
-        {"bits": 2, "scale_dtype": torch.float64},
+        ({"bits": 1}, ValueError, "bits"),
+        ({"bits": 9}, ValueError, "bits"),
+        ({"bits": True}, TypeError, "bits"),
+        ({"bits": 4.0}, TypeError, "bits"),
+        ({"bits": "4"}, TypeError, "bits"),
+        ({"bits": 2, "num_clusters": 0}, ValueError, "num_clusters"),
+        ({"bits": 2, "num_clusters": MAX_CLUSTERS + 1}, ValueError, "num_clusters"),
+        ({"bits": 2, "num_clusters": "3"}, TypeError, "num_clusters"),
+        ({"bits": 2, "group_size": 0}, ValueError, "group_size"),
+        ({"bits": 2, "group_size": -8}, ValueError, "group_size"),
+        ({"bits": 2, "clustering": "row"}, ValueError, "clustering"),
+        ({"bits": 2, "scale_dtype": torch.float64}, ValueError, "scale_dtype"),
+        ({"bits": 2, "signed_offsets": 1}, TypeError, "signed_offsets"),
     ],
-    ids=lambda kw: ",".join(f"{a}={b}" for a, b in kw.items()),
+    ids=lambda v: ",".join(f"{a}={b}" for a, b in v.items()) if isinstance(v, dict) else "",
 )
-def test_spec_rejects_bad_settings(kwargs: dict) -> None:
-    with pytest.raises(ValueError):
+def test_spec_rejects_bad_settings(kwargs: dict, error: type, field: str) -> None:
+    with pytest.raises(error, match=field):
         QuantSpec(**kwargs)
 
 

@@ -265,9 +265,12 @@ def test_quantize_weight_does_not_depend_on_chunking(spec, monkeypatch):
         assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)), name
 
 
-@pytest.mark.parametrize("range_bits", [3, 9, 0, True, "6", 6.0])
-def test_spec_rejects_bad_range_bits(range_bits):
-    with pytest.raises(ValueError, match="range_bits"):
+@pytest.mark.parametrize(
+    ("range_bits", "error"),
+    [(3, ValueError), (9, ValueError), (0, ValueError), (True, TypeError), ("6", TypeError), (6.0, TypeError)],
+)
+def test_spec_rejects_bad_range_bits(range_bits, error):
+    with pytest.raises(error, match="range_bits"):
         QuantSpec(bits=4, num_clusters=1, fit="mse", range_bits=range_bits)
 
 
@@ -277,9 +280,11 @@ def test_spec_range_bits_needs_mse_fit():
 
 
 @pytest.mark.parametrize("range_bits", [None, 6])
-@pytest.mark.parametrize("range_block", [0, -1, True, 2.0])
-def test_spec_rejects_bad_range_block(range_block, range_bits):
-    with pytest.raises(ValueError, match="range_block"):
+@pytest.mark.parametrize(
+    ("range_block", "error"), [(0, ValueError), (-1, ValueError), (True, TypeError), (2.0, TypeError)]
+)
+def test_spec_rejects_bad_range_block(range_block, error, range_bits):
+    with pytest.raises(error, match="range_block"):
         QuantSpec(bits=4, num_clusters=1, fit="mse", range_bits=range_bits, range_block=range_block)
 
 

@@ -10,6 +10,7 @@ from transformers import AutoConfig, BertConfig
 from transformers.quantizers.auto import AutoQuantizationConfig
 
 from optimum_splitquant import FORMAT_VERSION, SplitQuantConfig
+from optimum_splitquant.core import QuantSpec
 
 
 def test_defaults_and_spec():
@@ -131,3 +132,25 @@ def test_for_budget_gives_more_bits_to_larger_budgets_and_takes_overrides():
 def test_for_budget_refuses_what_it_cannot_meet(value, error):
     with pytest.raises(error, match=r"bits per weight|bits_per_weight"):
         SplitQuantConfig.for_budget(value)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"bits": "4"},
+        {"bits": 9},
+        {"num_clusters": 0},
+        {"group_size": 2.0},
+        {"fit": "mle"},
+        {"range_bits": 3, "fit": "mse"},
+    ],
+    ids=lambda kw: ",".join(f"{a}={b}" for a, b in kw.items()),
+)
+def test_config_and_spec_refuse_alike(kwargs: dict) -> None:
+    """One validation: the config raises what the spec raises, with the same message."""
+    with pytest.raises((TypeError, ValueError)) as from_spec:
+        QuantSpec(**{"bits": 4, **kwargs})
+    with pytest.raises((TypeError, ValueError)) as from_config:
+        SplitQuantConfig(**kwargs)
+    assert type(from_config.value) is type(from_spec.value)
+    assert str(from_config.value) == str(from_spec.value)
