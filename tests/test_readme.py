@@ -1,4 +1,9 @@
-"""Every code block of README.md is run or checked here, so the README cannot drift from the code.
+"""Every code block of README.md and of docs/*.md is run or checked here, so the docs cannot drift from the code.
+
+Each file is checked on its own (test ids name the file and the block's first line, e.g.
+``README.md:L45-python``); a docs page without code blocks is fine, the README must have some. Every
+relative link of those files must point to a file of the repository, and a ``#heading`` in it to a
+heading of the Markdown file it names (GitHub's anchors).
 
 How each fenced block is checked:
 
@@ -47,6 +52,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+FILES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+"""The checked Markdown files: the README, then every docs page."""
 PYTHON = {"python", "py", "python3"}
 SHELL = {"bash", "sh", "shell"}
 DATA = {"json", "yaml", "yml", "toml"}
@@ -54,20 +61,29 @@ PROSE = {"", "text", "txt", "console-output"}
 _FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})\s*([\w+-]*)")
 _MARKER = re.compile(r"^\s*<!--\s*readme-test:\s*(.*?)\s*-->\s*$")
 _STEP = re.compile(r"\s*(?:&&|\|\||;|\|)\s*")
+_HEADING = re.compile(r"^ {0,3}#{1,6}\s+(.*?)\s*#*\s*$")
+_LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+_CODE_SPAN = re.compile(r"(`+).+?\1")
+
+
+def _name(path: Path) -> str:
+    """``path`` relative to the repository root, as test ids and messages spell it."""
+    return path.relative_to(ROOT).as_posix()
 
 
 @dataclasses.dataclass(frozen=True)
 class Block:
-    """One fenced code block: its language, first code line (1-based), code, and marker parts."""
+    """One fenced code block: its language, first code line (1-based), code, marker parts and file."""
 
     lang: str
     line: int
     code: str
     marker: tuple[str, ...]
+    source: str = "README.md"
 
     @property
     def id(self) -> str:
-        return f"L{self.line}-{self.lang or 'plain'}"
+        return f"{self.source}:L{self.line}-{self.lang or 'plain'}"
 
     @property
     def skip_reason(self) -> str | None:
@@ -85,8 +101,8 @@ class Block:
         return []
 
 
-def readme_blocks(text: str) -> list[Block]:
-    """The fenced code blocks of a Markdown text, with the ``readme-test`` marker before each."""
+def readme_blocks(text: str, source: str = "README.md") -> list[Block]:
+    """The fenced code blocks of the Markdown text of ``source``, with the ``readme-test`` marker before each."""
     blocks, lines, i = [], text.splitlines(), 0
     while i < len(lines):
         match = _FENCE.match(lines[i])
@@ -99,8 +115,8 @@ def readme_blocks(text: str) -> list[Block]:
         parts = tuple(p.strip() for p in marker.group(1).split(";") if p.strip()) if marker else ()
         end = next((j for j in range(i + 1, len(lines)) if lines[j].strip().startswith(fence[0] * len(fence))), None)
         if end is None:
-            raise AssertionError(f"README.md:{i + 1}: the code block is never closed")
-        blocks.append(Block(lang, i + 2, "\n".join(lines[i + 1 : end]) + "\n", parts))
+            raise AssertionError(f"{source}:{i + 1}: the code block is never closed")
+        blocks.append(Block(lang, i + 2, "\n".join(lines[i + 1 : end]) + "\n", parts, source))
         i = end + 1
     return blocks
 
@@ -121,7 +137,12 @@ def _problem(block: Block) -> str | None:
     return f"no check for {block.lang!r} blocks; mark it <!-- readme-test: skip (reason) -->"
 
 
-BLOCKS = readme_blocks(README.read_text(encoding="utf-8"))
+def file_blocks(path: Path) -> list[Block]:
+    """The fenced code blocks of one checked file."""
+    return readme_blocks(path.read_text(encoding="utf-8"), _name(path))
+
+
+BLOCKS = [block for path in FILES for block in file_blocks(path)]
 
 
 def _params(langs: set[str]) -> list[Any]:
@@ -132,16 +153,24 @@ def _params(langs: set[str]) -> list[Any]:
     ]
 
 
-def test_every_block_is_checked():
-    assert BLOCKS, "README.md has no code blocks?"
-    problems = [f"README.md:{b.line} ({b.lang or 'no language'}): {p}" for b in BLOCKS if (p := _problem(b))]
+@pytest.mark.parametrize("path", FILES, ids=_name)
+def test_every_block_is_checked(path: Path):
+    blocks = file_blocks(path)
+    assert blocks or path != README, "README.md has no code blocks?"
+    problems = [f"{b.source}:{b.line} ({b.lang or 'no language'}): {p}" for b in blocks if (p := _problem(b))]
     assert not problems, "\n".join(problems)
+
+
+def test_the_docs_pages_are_found():
+    names = [_name(path) for path in FILES]
+    assert names[0] == "README.md" and "docs/format.md" in names and "docs/design.md" in names, names
 
 
 def test_the_block_reader_sees_markers_and_fences():
     text = "x\n<!-- readme-test: skip (needs a GPU) -->\n\n```python\nprint(1)\n```\n````bash\n```\n````\n"
-    first, second = readme_blocks(text)
+    first, second = readme_blocks(text, "docs/x.md")
     assert (first.lang, first.line, first.code, first.skip_reason) == ("python", 5, "print(1)\n", "needs a GPU")
+    assert (first.id, first.source) == ("docs/x.md:L5-python", "docs/x.md")
     assert (second.lang, second.code, second.marker) == ("bash", "```\n", ())
     assert _problem(Block("python", 1, "", ("skip",))) == "a skip needs a reason: <!-- readme-test: skip (why) -->"
     assert "no check for 'rust'" in _problem(Block("rust", 1, "", ()))
@@ -170,10 +199,35 @@ def _tiny_classifier(folder: Path) -> Path:
     return folder
 
 
+def _tiny_causal_lm(folder: Path) -> Path:
+    """A tiny random Llama language model (tied embeddings, as SmolLM2's) with the real uncased BERT tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if not (folder / "config.json").exists():
+        torch.manual_seed(0)
+        tokenizer = AutoTokenizer.from_pretrained(_minilm(), model_input_names=["input_ids", "attention_mask"])
+        config = LlamaConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.cls_token_id,
+            eos_token_id=tokenizer.sep_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        LlamaForCausalLM(config).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
 # Hub id -> builder of a local folder standing in for it (given a scratch folder).
 STAND_INS: dict[str, Callable[[Path], Path]] = {
     "sentence-transformers/all-MiniLM-L6-v2": lambda scratch: _minilm(),
     "distilbert/distilbert-base-uncased-finetuned-sst-2-english": _tiny_classifier,
+    "HuggingFaceTB/SmolLM2-135M-Instruct": _tiny_causal_lm,
 }
 
 
@@ -222,8 +276,8 @@ def test_python_block_runs(block: Block, tmp_path, monkeypatch):
     namespace: dict[str, Any] = {"__name__": "__readme__"}
     for name in block.given:
         namespace[name] = GIVEN[name](namespace)
-    code = compile(_with_stand_ins(block.code, tmp_path / "stand-ins"), f"README.md:{block.line}", "exec")
-    exec(code, namespace)  # the README's own code, as a reader would run it
+    code = compile(_with_stand_ins(block.code, tmp_path / "stand-ins"), f"{block.source}:{block.line}", "exec")
+    exec(code, namespace)  # the docs' own code, as a reader would run it
 
 
 # ---- shell: parse -----------------------------------------------------------------------------------------
@@ -269,7 +323,7 @@ def _check_command(words: list[str]) -> None:
 @pytest.mark.parametrize("block", _params(SHELL))
 def test_shell_block_parses(block: Block):
     commands = _commands(block.code)
-    assert commands, f"README.md:{block.line}: a shell block without a command"
+    assert commands, f"{block.source}:{block.line}: a shell block without a command"
     for words in commands:
         _check_command(words)
 
@@ -298,3 +352,95 @@ def test_data_block_parses(block: Block):
         pytest.importorskip("tomllib", reason="Python 3.11 or later parses TOML").loads(block.code)
     else:
         {"json": json.loads, "yaml": yaml.safe_load, "yml": yaml.safe_load}[block.lang](block.code)
+
+
+# ---- links ------------------------------------------------------------------------------------------------
+
+
+def _prose(text: str, *, spans: bool = False) -> list[str]:
+    """The lines of a Markdown text with fenced code blocks (and, unless ``spans``, code spans) blanked out."""
+    lines, fence = text.splitlines(), ""
+    for i, line in enumerate(lines):
+        match = _FENCE.match(line)
+        if fence:
+            if line.strip().startswith(fence):
+                fence = ""
+            lines[i] = ""
+        elif match:
+            fence, lines[i] = match.group(1), ""
+        elif not spans:
+            lines[i] = _CODE_SPAN.sub("", line)
+    return lines
+
+
+def heading_anchors(text: str) -> set[str]:
+    """GitHub's anchors for the headings of a Markdown text (``-1``, ``-2`` for repeated ones)."""
+    anchors: set[str] = set()
+    for line in _prose(text, spans=True):
+        if match := _HEADING.match(line):
+            slug = re.sub(r"[^\w\- ]", "", match.group(1).lower()).replace(" ", "-")
+            anchor, n = slug, 0
+            while anchor in anchors:
+                n += 1
+                anchor = f"{slug}-{n}"
+            anchors.add(anchor)
+    return anchors
+
+
+def broken_links(path: Path, root: Path = ROOT) -> list[str]:
+    """Relative links of a Markdown file that point to no file under ``root``, or to no heading of it."""
+    path, root, broken = path.resolve(), root.resolve(), []
+    for number, line in enumerate(_prose(path.read_text(encoding="utf-8")), 1):
+        for target in _LINK.findall(line):
+            if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.IGNORECASE):
+                continue  # https:, mailto: ...
+            file, _, anchor = target.partition("#")
+            found = (path.parent / file).resolve() if file else path
+            where = f"{path.relative_to(root).as_posix()}:{number}: ({target})"
+            if not found.is_relative_to(root) or not found.exists():
+                broken.append(f"{where} no such file")
+            elif anchor and found.suffix == ".md" and anchor not in heading_anchors(found.read_text(encoding="utf-8")):
+                broken.append(f"{where} no heading #{anchor} in {found.relative_to(root).as_posix()}")
+    return broken
+
+
+@pytest.mark.parametrize("path", FILES, ids=_name)
+def test_relative_links_resolve(path: Path):
+    broken = broken_links(path)
+    assert not broken, "\n".join(broken)
+
+
+def test_the_link_checker_sees_anchors_and_files(tmp_path):
+    assert heading_anchors(
+        "# A: b, `c_d` (E)\n```\n# not a heading\n```\n## A: b, c_d (E)\n### The paper's face\n"
+    ) == {
+        "a-b-c_d-e",
+        "a-b-c_d-e-1",
+        "the-papers-face",
+    }
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "README.md").write_text("# Set-up: two commands\n[p](docs/page.md#top) ![i](docs)\n")
+    page = tmp_path / "docs" / "page.md"
+    page.write_text(
+        "# Top\n[a](../README.md#set-up-two-commands) [c](#top) `[d](nowhere.md)` [e](https://x.y/z)\n"
+        "```text\n[f](in-code.md)\n```\n[x](missing.md) [y](#nope)\n[z](../README.md#nope) [w](../../out.md)\n"
+    )
+    assert broken_links(tmp_path / "README.md", tmp_path) == []
+    assert broken_links(page, tmp_path) == [
+        "docs/page.md:6: (missing.md) no such file",
+        "docs/page.md:6: (#nope) no heading #nope in docs/page.md",
+        "docs/page.md:7: (../README.md#nope) no heading #nope in README.md",
+        "docs/page.md:7: (../../out.md) no such file",
+    ]
+
+
+def test_the_readme_keeps_its_two_setup_commands():
+    text = README.read_text(encoding="utf-8")
+    assert "## Set-up: two commands" in text
+    section = text.split("## Set-up: two commands", 1)[1].split("\n## ", 1)[0]
+    (block,) = [b for b in readme_blocks(section) if b.lang == "bash"]
+    commands = [line.split("#", 1)[0].strip() for line in block.code.splitlines()]
+    assert commands == [
+        "bash scripts/install.sh && .venv/bin/optimum-splitquant",
+        "bash scripts/install.sh && .venv/bin/python -m pytest",
+    ]
