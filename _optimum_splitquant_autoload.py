@@ -1,4 +1,4 @@
-"""Start-up hook: transformers loads SplitQuant checkpoints without ``import optimum_splitquant``.
+"""Start-up hook: transformers loads SplitQuant checkpoints, and PEFT adapts them, without ``import optimum_splitquant``.
 
 ``optimum_splitquant-autoload.pth``, installed into site-packages with the package, calls
 :func:`install` when the interpreter starts. That only puts :class:`RegistryFinder` on
@@ -11,8 +11,15 @@ stand-ins. The first time transformers reads a SplitQuant config, the stand-ins 
 loads exactly as it would after an explicit import. If that import fails, loading raises
 :class:`ImportError` instead of building float layers with random weights.
 
+Once a process has imported both ``peft`` and ``optimum_splitquant`` (in either order; a SplitQuant
+layer cannot exist before the package is imported), the finder imports
+``optimum_splitquant.hf.peft``, which registers the SplitQuant layers with PEFT
+(:func:`connect_peft`): ``get_peft_model``, ``PeftModel.from_pretrained`` and ``load_adapter`` then
+adapt them. A process that imports only one of the two imports nothing more.
+
 ``OPTIMUM_SPLITQUANT_NO_AUTOLOAD=1`` skips the hook: transformers then knows nothing of SplitQuant
-until ``import optimum_splitquant`` (it warns "Unknown quantization type" and loads random weights).
+until ``import optimum_splitquant`` (it warns "Unknown quantization type" and loads random weights),
+and PEFT until ``import optimum_splitquant.hf.peft``.
 
 This module is top level so that the ``.pth`` line can import it without importing the package.
 """
@@ -24,18 +31,22 @@ import sys
 # quoted annotations and this stand-in for typing.TYPE_CHECKING.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
     from importlib.machinery import ModuleSpec
     from types import ModuleType
     from typing import Any
 
 __all__ = [
     "OPT_OUT_ENV",
+    "PACKAGE",
+    "PEFT_GLUE",
+    "PEFT_MODULE",
     "QUANT_METHOD",
     "REGISTRY_MODULE",
     "DeferredSplitQuantConfig",
     "DeferredSplitQuantHfQuantizer",
     "RegistryFinder",
+    "connect_peft",
     "enabled",
     "install",
     "plugin_class",
@@ -44,6 +55,9 @@ __all__ = [
 
 OPT_OUT_ENV = "OPTIMUM_SPLITQUANT_NO_AUTOLOAD"
 REGISTRY_MODULE = "transformers.quantizers.auto"
+PEFT_MODULE = "peft"
+PACKAGE = "optimum_splitquant"
+PEFT_GLUE = "optimum_splitquant.hf.peft"  # registers the SplitQuant layers with PEFT when imported
 QUANT_METHOD = "splitquant"  # optimum_splitquant.hf.config.QUANT_METHOD, without importing it
 _LOGGER = "optimum_splitquant.autoload"
 
@@ -67,14 +81,18 @@ def _warn(message: str, *args: object) -> None:
 
 
 class RegistryFinder:
-    """Meta-path finder that answers for :data:`REGISTRY_MODULE` only, wrapping its real loader."""
+    """Meta-path finder that answers for :data:`REGISTRY_MODULE`, :data:`PEFT_MODULE` and :data:`PACKAGE` only.
+
+    It wraps their real loaders so that a function runs once each has loaded (see ``_AFTER_LOAD``).
+    """
 
     is_splitquant_autoload = True
 
     def find_spec(
         self, fullname: str, path: "Sequence[str] | None" = None, target: "ModuleType | None" = None
     ) -> "ModuleSpec | None":
-        if fullname != REGISTRY_MODULE:
+        after = _AFTER_LOAD.get(fullname)
+        if after is None:
             return None
         try:
             for finder in sys.meta_path:
@@ -87,7 +105,7 @@ class RegistryFinder:
             else:
                 return None
             if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                spec.loader = _RegistryLoader(spec.loader)
+                spec.loader = _RegistryLoader(spec.loader, after)
             return spec
         except Exception as exc:  # a broken hook must never break `import transformers`
             _warn(
@@ -99,10 +117,11 @@ class RegistryFinder:
 
 
 class _RegistryLoader:
-    """Runs the real loader, then maps ``quant_method="splitquant"`` to the stand-ins."""
+    """Runs the real loader, then ``after(module)``."""
 
-    def __init__(self, loader: "Any") -> None:
+    def __init__(self, loader: "Any", after: "Callable[[ModuleType], None]") -> None:
         self.loader = loader
+        self.after = after
 
     def create_module(self, spec: "ModuleSpec") -> "ModuleType | None":
         return self.loader.create_module(spec)
@@ -113,7 +132,7 @@ class _RegistryLoader:
         if getattr(module, "__spec__", None) is not None and module.__spec__.loader is self:
             module.__spec__.loader = self.loader
         self.loader.exec_module(module)
-        register_stand_ins(module)
+        self.after(module)
 
     def __getattr__(self, name: str) -> "Any":
         return getattr(self.loader, name)
@@ -135,6 +154,32 @@ def register_stand_ins(registry: "ModuleType") -> None:
             QUANT_METHOD,
             type(exc).__name__,
             exc,
+        )
+
+
+def _imported(name: str) -> bool:
+    """Whether module ``name`` is in ``sys.modules`` and has finished loading."""
+    module = sys.modules.get(name)
+    return module is not None and not getattr(getattr(module, "__spec__", None), "_initializing", False)
+
+
+def connect_peft(module: "ModuleType") -> None:
+    """Import :data:`PEFT_GLUE` once ``module`` (``peft`` or the package, just loaded) has company.
+
+    Does nothing until both ``peft`` and ``optimum_splitquant`` are imported, or once ``PEFT_GLUE``
+    is (importing it registers). Logs a warning, and leaves PEFT untouched, if the import fails.
+    """
+    other = PACKAGE if module.__name__ == PEFT_MODULE else PEFT_MODULE
+    if sys.modules.get(PEFT_GLUE) is not None or not _imported(other):
+        return
+    try:
+        __import__(PEFT_GLUE)
+    except Exception as exc:
+        _warn(
+            "Plain PEFT cannot adapt SplitQuant layers in this process (%s: %s); `import %s` to see why.",
+            type(exc).__name__,
+            exc,
+            PEFT_GLUE,
         )
 
 
@@ -180,3 +225,7 @@ class DeferredSplitQuantHfQuantizer(metaclass=_Deferred):
     """Stands in for ``SplitQuantHfQuantizer`` in transformers' quantizer map until one is built."""
 
     target = "SplitQuantHfQuantizer"
+
+
+# What runs once each watched module has loaded.
+_AFTER_LOAD = {REGISTRY_MODULE: register_stand_ins, PEFT_MODULE: connect_peft, PACKAGE: connect_peft}

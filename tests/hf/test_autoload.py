@@ -165,6 +165,38 @@ def test_finder_error_falls_back_to_the_normal_import(monkeypatch, caplog):
     assert "boom" in caplog.text
 
 
+@pytest.mark.parametrize("name", [autoload.PEFT_MODULE, autoload.PACKAGE])
+def test_finder_connects_peft_after_peft_or_the_package_loads(name):
+    spec = autoload.RegistryFinder().find_spec(name)
+    assert spec is not None and spec.loader.after is autoload.connect_peft
+
+
+def _fake_module(name: str, *, initializing: bool = False) -> types.ModuleType:
+    module = types.ModuleType(name)
+    module.__spec__ = types.SimpleNamespace(_initializing=initializing)
+    return module
+
+
+@pytest.mark.parametrize("peft_state", ["absent", "initializing"])
+def test_connect_peft_waits_for_both(monkeypatch, peft_state):
+    """The package alone (or with peft still loading) imports nothing: a SplitQuant layer cannot meet PEFT yet."""
+    monkeypatch.delitem(sys.modules, autoload.PEFT_GLUE, raising=False)
+    if peft_state == "absent":
+        monkeypatch.delitem(sys.modules, autoload.PEFT_MODULE, raising=False)
+    else:
+        monkeypatch.setitem(sys.modules, autoload.PEFT_MODULE, _fake_module("peft", initializing=True))
+    autoload.connect_peft(_fake_module(autoload.PACKAGE))
+    assert autoload.PEFT_GLUE not in sys.modules
+
+
+def test_connect_peft_warns_when_the_glue_cannot_be_imported(monkeypatch, caplog):
+    pytest.importorskip("peft")
+    monkeypatch.setitem(sys.modules, autoload.PEFT_GLUE, None)  # makes the import fail
+    with caplog.at_level(logging.WARNING, logger="optimum_splitquant.autoload"):
+        autoload.connect_peft(sys.modules[autoload.PEFT_MODULE])
+    assert "Plain PEFT cannot adapt SplitQuant layers" in caplog.text and autoload.PEFT_GLUE in caplog.text
+
+
 def test_stand_ins_resolve_to_the_real_classes(tmp_path):
     from optimum_splitquant.hf import SplitQuantHfQuantizer
 
