@@ -246,6 +246,18 @@ def _modules_to_save_in_float(
         raise
 
 
+def _refuse_pickled_adapter(adapter: str | Path, subfolder: str | None) -> None:
+    """Raise ``ValueError`` when a local adapter folder holds its weights only as a pickle (PEFT would unpickle it)."""
+    folder = Path(adapter, subfolder or "")
+    if folder.is_dir() and not (folder / SAFETENSORS_WEIGHTS_NAME).is_file():
+        pickled = sorted(p.name for p in folder.glob("adapter_model*.bin"))
+        if pickled:
+            raise ValueError(
+                f"{folder} holds the adapter weights as {pickled[0]}, a pickle; optimum-splitquant loads safetensors "
+                "only: save the adapter again with save_pretrained() (safetensors by default) and load that"
+            )
+
+
 def _packed_copies(adapter: str | Path, subfolder: str | None) -> set[str]:
     """Layers whose ``modules_to_save`` copy a local adapter file stores packed (from the file's header).
 
@@ -428,6 +440,7 @@ def load_lora_adapter(
     as saved, and do not train. ``kwargs`` go to ``PeftModel.from_pretrained``.
     """
     register_with_peft()
+    _refuse_pickled_adapter(adapter, kwargs.get("subfolder"))
     packed = _packed_copies(adapter, kwargs.get("subfolder"))
     if packed:
         logger.warning(

@@ -531,6 +531,17 @@ def test_load_lora_adapter_loads_as_peft_does(tiny_dirs, batch, tmp_path):
     torch.testing.assert_close(logits(reloaded, batch), expected, rtol=0, atol=0)
 
 
+def test_load_lora_adapter_refuses_a_pickled_adapter(tiny_dirs, batch, tmp_path, monkeypatch):
+    model = get_peft_model(quantized("llama-lm", tiny_dirs), save_config())
+    model.save_pretrained(tmp_path / "adapter", safe_serialization=False)  # adapter_model.bin, a pickle
+    assert (tmp_path / "adapter" / "adapter_model.bin").is_file()
+    unpickled = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: unpickled.append(a) or {})
+    with pytest.raises(ValueError, match=r"adapter_model\.bin, a pickle; optimum-splitquant loads safetensors only"):
+        load_lora_adapter(quantized("llama-lm", tiny_dirs), tmp_path / "adapter")
+    assert unpickled == []
+
+
 def test_adapter_with_packed_copies_loads_as_saved(tiny_dirs, batch, tmp_path, caplog, monkeypatch):
     """Earlier versions copied modules_to_save SplitQuant layers packed; load_lora_adapter loads such files as saved."""
     # PEFT without the modules_to_save hook makes such packed copies.
