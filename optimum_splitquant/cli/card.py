@@ -1,10 +1,10 @@
 """The Hugging Face Hub model card (README.md) of a SplitQuant checkpoint, as a pure function.
 
 The YAML front matter carries ``library_name``, ``base_model`` (with ``base_model_relation:
-quantized``), ``tags`` and a ``splitquant`` block (quantization config, effective bits, sizes and
-any evaluation results), plus the float model's ``license``, ``language`` and ``datasets`` (and its
-tags, after ours) read from its own card by :func:`base_card_metadata`; the body explains how to
-load the model, and what happens where the package is not registered.
+quantized``), ``tags`` and a ``splitquant`` block (quantization config, effective bits, sizes, the
+``--budget`` asked for and any evaluation results), plus the float model's ``license``, ``language``
+and ``datasets`` (and its tags, after ours) read from its own card by :func:`base_card_metadata`;
+the body explains how to load the model, and what happens where the package is not registered.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from ..hf.config import BUDGET_WIDTH
 from .console import one_line
 from .models import AUTO_CLASSES
 
@@ -60,6 +61,9 @@ class CardInfo:
         metrics: evaluation results, if computed.
         base_metadata: the float model's card fields to keep (see :func:`base_card_metadata`).
         sentence_transformers: whether the folder holds a sentence-transformers pipeline too.
+        budget: the stored bits per weight asked for (``--budget``), if the config came from
+            ``SplitQuantConfig.for_budget``.
+        budget_overrides: the settings given with ``budget`` that override its configuration.
     """
 
     quantization_config: Mapping[str, Any]
@@ -75,6 +79,8 @@ class CardInfo:
     metrics: Sequence[Metric] = ()
     base_metadata: Mapping[str, Any] = field(default_factory=dict)
     sentence_transformers: bool = False
+    budget: float | None = None
+    budget_overrides: Mapping[str, Any] = field(default_factory=dict)
 
 
 def parse_front_matter(text: str, source: str = "README.md") -> dict[str, Any]:
@@ -158,6 +164,9 @@ def _metadata(info: CardInfo) -> dict[str, Any]:
         "size_bytes_before": info.size_before,
         "size_bytes_after": info.size_after,
     }
+    if info.budget is not None:
+        block["budget_bits_per_weight"] = info.budget
+        block["budget_overrides"] = dict(info.budget_overrides)
     if info.metrics:
         block["evaluation"] = [{k: v for k, v in asdict(m).items() if v is not None} for m in info.metrics]
     meta["splitquant"] = block
@@ -172,6 +181,7 @@ def _settings_table(info: CardInfo) -> list[str]:
     return [
         "| setting | value |",
         "|---|---|",
+        *_budget_row(info),
         f"| code bits per weight | {cfg.get('bits')} |",
         f"| clusters per layer (k-means, k) | {cfg.get('num_clusters')} |",
         f"| clustering | {cfg.get('clustering')} |",
@@ -184,6 +194,17 @@ def _settings_table(info: CardInfo) -> list[str]:
         f"| kept in float | {', '.join(f'`{m}`' for m in kept) if kept else 'none'} (and all non-Linear weights) |",
         f"| checkpoint size | {_mb(info.size_before)} → {_mb(info.size_after)}{ratio} |",
         f"| format version | {cfg.get('format_version')} |",
+    ]
+
+
+def _budget_row(info: CardInfo) -> list[str]:
+    """The budget asked for and how the settings below were chosen from it (none without a budget)."""
+    if info.budget is None:
+        return []
+    args = "".join(f", {name}={value!r}" for name, value in info.budget_overrides.items())
+    return [
+        f"| bits budget asked for | {info.budget:g} stored bits per weight on rows of {BUDGET_WIDTH} inputs: the settings "
+        f"below are `SplitQuantConfig.for_budget({info.budget:g}{args})` |"
     ]
 
 

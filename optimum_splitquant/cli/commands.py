@@ -3,8 +3,19 @@
 ::
 
     optimum-splitquant                                   # the demo: a real spam classifier at 2 bits
-    optimum-splitquant quantize MODEL --bits 2 --output DIR [--overwrite] [--push-to-hub REPO_ID] [--evaluate]
+    optimum-splitquant quantize MODEL --budget 4.5 --output DIR [--overwrite] [--push-to-hub REPO_ID] [--evaluate]
+    optimum-splitquant quantize MODEL --bits 2 --output DIR [--num-clusters 3] [--group-size 64] ...
     optimum-splitquant evaluate DIR [--base MODEL]
+
+``quantize`` takes exactly one of ``--budget`` and ``--bits`` (argparse names both when neither or
+both are given). ``--budget B`` starts from ``SplitQuantConfig.for_budget(B)``, the best measured
+configuration within ``B`` stored bits per weight; the other settings given (``--num-clusters``,
+``--group-size``, ``--clustering``, ``--fit``, ``--range-bits``, ``--range-block``) override its
+fields, and the result must still fit in ``B``. ``--bits N`` takes those settings as given, and
+``SplitQuantConfig``'s defaults for the others.
+
+The same commands run as ``optimum-cli splitquant ...`` (registered by
+``optimum/commands/register/register_splitquant.py``, which hands its arguments to :func:`main`).
 
 Results go to stdout; progress and diagnostics to stderr. A failure ends with one ``error:`` line
 on stderr and exit status 1 (2 for a malformed command line); ``--verbose`` shows the traceback.
@@ -41,14 +52,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    """The command line: ``quantize``, ``evaluate`` and ``demo`` (the default)."""
+def _parser(prog: str = "optimum-splitquant") -> argparse.ArgumentParser:
+    """The command line: ``quantize``, ``evaluate`` and ``demo`` (the default), named ``prog`` in messages."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logs, tracebacks"
     )
     parser = argparse.ArgumentParser(
-        prog="optimum-splitquant",
+        prog=prog,
         description="SplitQuant (arXiv 2501.12428) low-bit weight quantization for transformers models. "
         "With no command: build (once) a real SMS spam classifier and compare it at 2 bits.",
     )
@@ -57,16 +68,35 @@ def _parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", parents=[common], help="quantize a model into a SplitQuant folder")
     q.add_argument("model", help="local model folder or Hub id")
-    q.add_argument("--bits", type=int, required=True, help="code bits per weight: 2 to 8")
-    q.add_argument("--num-clusters", type=int, default=3, help="k-means clusters per layer (1 = plain min-max)")
-    q.add_argument("--group-size", type=int, default=None, help="input columns per range (default: whole row)")
-    q.add_argument("--clustering", default="tensor", help="tensor (one k-means per layer) or channel (per row)")
-    q.add_argument("--fit", default="minmax", help="range of each cluster: minmax (the paper) or mse (least squares)")
-    q.add_argument(
-        "--range-bits",
+    size = q.add_mutually_exclusive_group(required=True)
+    size.add_argument(
+        "--budget",
+        type=float,
+        metavar="BITS_PER_WEIGHT",
+        help="stored bits per weight to fit in (e.g. 4.5): the best measured configuration within it "
+        "(SplitQuantConfig.for_budget); the settings below, if given, override its fields",
+    )
+    size.add_argument("--bits", type=int, metavar="N", help="code bits per weight: 2 to 8, with the settings below")
+    settings = q.add_argument_group(
+        "settings",
+        "With --bits, a setting not given takes the default shown. With --budget, a setting given overrides "
+        "the budget's configuration, which must still fit in the budget.",
+    )
+    settings.add_argument("--num-clusters", type=int, help="k-means clusters per layer (1 = plain min-max; default 3)")
+    settings.add_argument("--group-size", type=int, help="input columns per range (default: the whole row)")
+    settings.add_argument(
+        "--clustering", help="tensor (one k-means per layer) or channel (one per row); default tensor"
+    )
+    settings.add_argument(
+        "--fit", help="range of each cluster: minmax (the paper) or mse (least squares); default minmax"
+    )
+    settings.add_argument(
+        "--range-bits", type=int, help="store each scale and offset as a code of 4-8 bits (needs --fit mse)"
+    )
+    settings.add_argument(
+        "--range-block",
         type=int,
-        default=None,
-        help="store each scale and offset as a code of 4-8 bits (needs --fit mse)",
+        help="(row, group) lines sharing one step of the coded ranges (with --range-bits; default 8)",
     )
     q.add_argument("--task", choices=TASKS, default="auto", help="model head to load (default: from config)")
     q.add_argument("--output", required=True, help="folder to write the quantized model to (new or empty)")
@@ -134,9 +164,12 @@ def _logging(verbose: bool) -> Iterator[None]:
             transformers.utils.logging.enable_progress_bar()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit status."""
-    args = _parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "optimum-splitquant") -> int:
+    """Run the CLI on ``argv`` (default: ``sys.argv[1:]``); returns the exit status.
+
+    ``prog`` names the command in usage and ``error:`` lines (``optimum-cli splitquant`` runs it too).
+    """
+    args = _parser(prog).parse_args(argv)
     verbose = bool(getattr(args, "verbose", False))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
@@ -144,13 +177,13 @@ def main(argv: list[str] | None = None) -> int:
             func: Any = getattr(args, "func", cmd_demo)
             return func(args)
     except KeyboardInterrupt:
-        sys.stderr.write("optimum-splitquant: interrupted\n")
+        sys.stderr.write(f"{prog}: interrupted\n")
         return 130
     except Exception as exc:
         if verbose:
             raise
         hint = "" if isinstance(exc, CliError) else f" ({type(exc).__name__}; --verbose shows the traceback)"
-        sys.stderr.write(f"optimum-splitquant: error: {one_line(exc)}{hint}\n")
+        sys.stderr.write(f"{prog}: error: {one_line(exc)}{hint}\n")
         return 1
 
 

@@ -1,5 +1,7 @@
 """``optimum-splitquant quantize``: float model -> SplitQuant folder with tokenizer and model card (-> Hub).
 
+The configuration is ``--bits`` with the settings given, or ``--budget`` (``SplitQuantConfig.for_budget``,
+the settings given overriding its fields, the result still within the budget): :func:`resolve_config`.
 The folder is written in full before it appears at ``--output`` (a fresh folder swapped in, or an
 empty one filled), so an interrupted run leaves the previous state (a run killed outright leaves a
 staging folder, which the next run removes). A non-empty ``--output`` is replaced only with
@@ -21,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import transformers
 from huggingface_hub import HfApi, constants, get_token
@@ -28,7 +31,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from ..checkpoint.saving import remove_stale_staging, staged_folder, staging_folder
-from ..hf.config import SplitQuantConfig
+from ..hf.config import BUDGET_WIDTH, SplitQuantConfig
 from ..hf.quantize_model import quantize_model
 from ..report import size_report
 from . import data
@@ -47,12 +50,16 @@ from .models import (
 )
 from .sentence_files import copy_sentence_files, hub_sentence_folder, sentence_files
 
-__all__ = ["cmd_quantize"]
+__all__ = ["cmd_quantize", "resolve_config"]
 
 # The staging folder of an output filled in place (inside it): ``.saving-<32 hex digits>``.
 _IN_PLACE_PREFIX = ".saving-"
 # A config.json larger than this is not a model's configuration.
 _MAX_CONFIG_BYTES = 16 * 2**20
+# The ``quantize`` settings that map one to one to ``SplitQuantConfig`` fields (``--bits`` and ``--budget`` aside).
+_SETTINGS = ("num_clusters", "group_size", "clustering", "fit", "range_bits", "range_block")
+# The resolved settings the summary shows (``range_block`` only with ``range_bits``).
+_SHOWN_SETTINGS = ("bits", *_SETTINGS, "scale_dtype")
 
 
 def _check_output(output: str, model: str, overwrite: bool = False) -> Path:
@@ -279,19 +286,49 @@ def _load_quantized(
     return model, float_model, time.perf_counter() - start
 
 
-def cmd_quantize(args: argparse.Namespace) -> int:
-    """``quantize``: float model → SplitQuant folder with tokenizer and model card (→ Hub)."""
+def _settings_given(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``SplitQuantConfig`` fields set on the command line (a setting left out is ``None`` there)."""
+    return {name: getattr(args, name) for name in _SETTINGS if getattr(args, name, None) is not None}
+
+
+def resolve_config(args: argparse.Namespace) -> SplitQuantConfig:
+    """The ``SplitQuantConfig`` that ``--bits`` or ``--budget`` (exactly one is set) and the other settings ask for.
+
+    ``--bits`` takes the settings given and ``SplitQuantConfig``'s defaults for the others.
+    ``--budget`` takes ``SplitQuantConfig.for_budget(budget, **settings given)`` and refuses a result
+    that no longer fits in the budget (counted as ``for_budget`` counts, on rows of
+    :data:`~optimum_splitquant.hf.config.BUDGET_WIDTH` inputs). Errors are a ``CliError``.
+    """
+    given = _settings_given(args)
     try:
-        qconfig = SplitQuantConfig(
-            bits=args.bits,
-            num_clusters=args.num_clusters,
-            group_size=args.group_size,
-            clustering=args.clustering,
-            fit=args.fit,
-            range_bits=args.range_bits,
-        )
+        if args.budget is None:
+            return SplitQuantConfig(bits=args.bits, **given)
+        try:
+            SplitQuantConfig.for_budget(args.budget)
+        except ValueError as exc:
+            raise CliError(f"--budget {args.budget}: {exc}") from exc
+        qconfig = SplitQuantConfig.for_budget(args.budget, **given)
     except (ValueError, TypeError) as exc:
         raise CliError(str(exc)) from exc
+    stored = _budget_bits(qconfig)
+    if stored > args.budget:
+        flags = " ".join(f"--{name.replace('_', '-')} {value}" for name, value in given.items())
+        raise CliError(
+            f"--budget {args.budget} with {flags} stores {stored:.4g} bits per weight (rows of {BUDGET_WIDTH} "
+            f"inputs), over the budget; drop or change those settings, raise --budget, or give --bits instead"
+        )
+    return qconfig
+
+
+def _budget_bits(qconfig: SplitQuantConfig) -> float:
+    """Stored bits per weight of ``qconfig`` on rows of ``BUDGET_WIDTH`` inputs (or the next multiple of its group)."""
+    group = qconfig.group_size or 1
+    return qconfig.to_spec().bits_per_weight(-(-BUDGET_WIDTH // group) * group)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """``quantize``: float model → SplitQuant folder with tokenizer and model card (→ Hub)."""
+    qconfig = resolve_config(args)
     output = _check_output(args.output, args.model, overwrite=args.overwrite)
     if args.push_to_hub:
         _check_can_push()
@@ -349,6 +386,8 @@ def _card_info(
         metrics=metrics,
         base_metadata=base_card_metadata(args.model),
         sentence_transformers=sentence_transformers,
+        budget=args.budget,
+        budget_overrides=_settings_given(args) if args.budget is not None else {},
     )
 
 
@@ -360,6 +399,13 @@ def _summary(
     kept = ", ".join(cfg.get("modules_to_not_convert") or []) or "none"
     before, after = info.size_before or 0, info.size_after
     out(f"SplitQuant INT{cfg['bits']} (k={cfg['num_clusters']}) of {model} [{task}]")
+    if info.budget is not None:
+        overrides = "".join(f", {name}={value!r}" for name, value in info.budget_overrides.items())
+        out(
+            f"  budget     {info.budget:g} bits per weight asked for: SplitQuantConfig.for_budget({info.budget:g}{overrides})"
+        )
+    shown = [name for name in _SHOWN_SETTINGS if name != "range_block" or cfg.get("range_bits") is not None]
+    out("  settings   " + ", ".join(f"{name}={cfg.get(name)!r}" for name in shown))
     out(f"  layers     {info.quantized_layers} quantized ({info.quantized_weights:,} weights); float: {kept}")
     out(f"  bits       {info.effective_bits:.3f} effective bits per weight (codes + cluster ids + scales + offsets)")
     out(f"  size       {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB ({before / after:.2f}x smaller)")

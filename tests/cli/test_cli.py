@@ -25,7 +25,7 @@ from transformers import (
     DistilBertModel,
 )
 
-from optimum_splitquant import SplitQuantLinear, size_report
+from optimum_splitquant import SplitQuantConfig, SplitQuantLinear, size_report
 from optimum_splitquant.cli import commands, demo, quantize
 from optimum_splitquant.cli.console import CliError
 from optimum_splitquant.cli.data import LabeledTexts, minilm_path, sms_spam, split
@@ -119,6 +119,74 @@ def test_quantize_with_coded_ranges(tiny_base, tmp_path):
     assert "| coded ranges | 6-bit codes, steps shared by 8 ranges |" in (out / "README.md").read_text()
 
 
+# ---- --budget ----------------------------------------------------------------------------------------
+
+
+def _resolved(*argv: str) -> SplitQuantConfig:
+    return quantize.resolve_config(commands._parser().parse_args(["quantize", "M", "--output", "o", *argv]))
+
+
+@pytest.mark.parametrize("budget", [3.5, 4.0, 4.25, 4.5, 5.0, 6.0, 7.5])
+def test_budget_is_for_budget(budget):
+    assert _resolved("--budget", str(budget)) == SplitQuantConfig.for_budget(budget)
+
+
+def test_budget_replaces_five_flags():
+    five = ["--bits", "4", "--num-clusters", "1", "--group-size", "32", "--fit", "mse", "--range-bits", "6"]
+    assert _resolved(*five) == _resolved("--budget", "4.5") == SplitQuantConfig.for_budget(4.5)
+
+
+def test_bits_alone_keeps_the_config_defaults():
+    assert _resolved("--bits", "2") == SplitQuantConfig(bits=2)
+    assert _resolved("--bits", "3", "--group-size", "64", "--range-block", "16") == SplitQuantConfig(
+        bits=3, group_size=64, range_block=16
+    )
+
+
+def test_budget_settings_override_its_fields():
+    assert _resolved("--budget", "4.5", "--range-block", "16") == SplitQuantConfig.for_budget(4.5, range_block=16)
+    assert _resolved("--budget", "5", "--clustering", "channel") == SplitQuantConfig.for_budget(5, clustering="channel")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["--bits", "4", "--budget", "4.5"], ["--budget", "4.5", "--bits", "4"]],
+    ids=["neither", "both", "both-reversed"],
+)
+def test_bits_or_budget_exactly_one(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        commands.main(["quantize", "M", "--output", "o", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: optimum-splitquant quantize")
+    assert "--budget" in err.splitlines()[-1] and "--bits" in err.splitlines()[-1], err
+
+
+def test_quantize_with_a_budget(tiny_base, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert commands.main(["quantize", tiny_base, "--budget", "4.5", "--range-block", "16", "--output", str(out)]) == 0
+    saved = json.loads((out / "config.json").read_text())["quantization_config"]
+    expected = SplitQuantConfig.for_budget(4.5, range_block=16).to_dict()
+    assert {k: v for k, v in saved.items() if k != "modules_to_not_convert"} == {
+        k: v for k, v in expected.items() if k != "modules_to_not_convert"
+    }
+    stdout = capsys.readouterr().out
+    assert "budget     4.5 bits per weight asked for: SplitQuantConfig.for_budget(4.5, range_block=16)" in stdout
+    assert "settings   bits=4, num_clusters=1, group_size=32, clustering='tensor', fit='mse', range_bits=6," in stdout
+    card = (out / "README.md").read_text()
+    assert "| bits budget asked for | 4.5 stored bits per weight on rows of 512 inputs" in card
+    assert "`SplitQuantConfig.for_budget(4.5, range_block=16)`" in card
+    assert "| coded ranges | 6-bit codes, steps shared by 16 ranges |" in card
+    assert "| code bits per weight | 4 |" in card and "group of 32 input columns" in card
+    block = ModelCard.load(out / "README.md").data.to_dict()["splitquant"]
+    assert block["budget_bits_per_weight"] == 4.5 and block["budget_overrides"] == {"range_block": 16}
+    assert block["quantization_config"] == saved
+
+
+def test_quantize_with_bits_has_no_budget_in_the_card(quantized_dir):
+    assert "budget" not in (quantized_dir / "README.md").read_text()
+
+
 def test_quantize_with_evaluate_puts_results_in_the_card(tiny_classifier, tmp_path, capsys):
     out = tmp_path / "q"
     assert (
@@ -181,6 +249,13 @@ def test_evaluate_a_float_classifier(tiny_classifier, capsys):
         (["quantize", "{base}", "--bits", "2", "--clustering", "rows"], "clustering must be one of"),
         (["quantize", "{base}", "--bits", "2", "--group-size", "7"], "group_size=7 does not divide"),
         (["quantize", "{base}", "--bits", "2", "--range-bits", "6"], "range_bits=6 needs fit='mse'"),
+        (["quantize", "{base}", "--budget", "3"], "--budget 3.0: no SplitQuant configuration fits in 3.0 bits"),
+        (["quantize", "{base}", "--budget", "nan"], "--budget nan: bits_per_weight must be finite"),
+        (["quantize", "{base}", "--budget", "4.5", "--fit", "minmax"], "range_bits=6 needs fit='mse'"),
+        (
+            ["quantize", "{base}", "--budget", "4.5", "--group-size", "16"],
+            "--budget 4.5 with --group-size 16 stores 5 bits per weight (rows of 512 inputs), over the budget",
+        ),
         (["quantize", "{quantized}", "--bits", "2"], "is already quantized"),
         (["quantize", "{base}", "--bits", "2", "--push-to-hub", "me/x"], "cannot push: offline mode is on"),
         (["evaluate", "/no/such/model"], "does not exist"),
@@ -193,6 +268,10 @@ def test_evaluate_a_float_classifier(tiny_classifier, capsys):
         "clustering",
         "group-size",
         "range-bits-minmax",
+        "budget-too-small",
+        "budget-nan",
+        "budget-override-invalid",
+        "budget-override-over",
         "requantize",
         "push-offline",
         "evaluate-missing",
