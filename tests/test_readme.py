@@ -299,6 +299,8 @@ def _check_command(words: list[str]) -> None:
     from optimum_splitquant.cli.commands import _parser
 
     program, args = Path(words[0]).name, words[1:]
+    if program == "optimum-cli" and args[:1] == ["splitquant"]:  # the same parser, under optimum-cli
+        program, args = "optimum-splitquant", args[1:]
     if program == "optimum-splitquant":
         try:
             _parser().parse_args(args)

@@ -18,6 +18,7 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from ..checkpoint.headers import read_checkpoint_index
+from ..hf.optimum import TOKENIZER_FILES
 from .console import CliError, one_line
 
 __all__ = [
@@ -170,7 +171,13 @@ def _shard_names(index: Path) -> list[str]:
 
 
 def load_tokenizer(source: str) -> Any | None:
-    """The tokenizer saved at ``source``, or ``None`` (with a warning) if there is none."""
+    """The tokenizer saved at ``source``, or ``None`` (with a warning) if there is none.
+
+    A local folder without any tokenizer file has none (``AutoTokenizer`` would build an empty one).
+    """
+    if Path(source).is_dir() and not any((Path(source) / name).is_file() for name in TOKENIZER_FILES):
+        logger.warning("no tokenizer could be loaded from %s (it holds no tokenizer file)", source)
+        return None
     try:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, TypeError) as exc:

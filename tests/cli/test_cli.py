@@ -546,3 +546,14 @@ def test_quantize_output_check_allows_other_folders(tiny_base, tmp_path):
     assert quantize._check_output(str(Path(tiny_base) / "int2"), tiny_base) == Path(tiny_base) / "int2"
     hub_like = quantize._check_output("nobody/unknown-model", "nobody/unknown-model")
     assert hub_like == Path.cwd() / "nobody" / "unknown-model"  # made absolute: `--output .` must name a real folder
+
+
+def test_a_folder_without_tokenizer_files_has_no_tokenizer(tiny_base, tmp_path, caplog):
+    from optimum_splitquant.cli.models import load_tokenizer
+
+    assert load_tokenizer(tiny_base) is not None
+    bare = tmp_path / "bare"
+    BertModel(_bert_config()).save_pretrained(bare)  # config and weights, no tokenizer file
+    with caplog.at_level("WARNING"):
+        assert load_tokenizer(str(bare)) is None  # AutoTokenizer would build an empty tokenizer here
+    assert "holds no tokenizer file" in caplog.text
