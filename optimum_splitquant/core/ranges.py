@@ -38,6 +38,7 @@ from .spec import QuantSpec
 __all__ = [
     "CodedRanges",
     "code_variants",
+    "decode_layer_ranges",
     "decode_ranges",
     "encode_ranges",
     "offset_zero",
@@ -179,3 +180,16 @@ def unpack_range_codes(packed: torch.Tensor, steps: torch.Tensor, lines: int, sp
     k = spec.num_clusters
     symbols = unpack_rows(packed.reshape(1, -1), spec.range_bits, 2 * lines * k).reshape(2, lines, k)
     return CodedRanges(symbols[0].to(torch.uint8), symbols[1].to(torch.uint8), steps)
+
+
+def decode_layer_ranges(
+    codes: torch.Tensor, steps: torch.Tensor, rows: int, groups: int, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, offset)`` ``(rows, groups, num_clusters)`` of one layer's stored range codes and steps.
+
+    Decoded as stored (products rounded to ``spec.scale_dtype``), then held in the steps' dtype where a
+    model was cast: the same values a cast of float ranges gives (an fp32 cast changes nothing).
+    """
+    coded = unpack_range_codes(codes, steps, rows * groups, spec)
+    shape = (rows, groups, spec.num_clusters)
+    return tuple(t.to(steps.dtype).view(shape) for t in decode_ranges(coded, spec))  # type: ignore[return-value]

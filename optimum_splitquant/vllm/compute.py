@@ -1,4 +1,4 @@
-"""The vLLM layer's arithmetic, without vLLM: the forward pass and the decoding of coded ranges.
+"""The vLLM layer's arithmetic, without vLLM: the forward pass.
 
 The forward pass uses the fastest path the package has for the tensors at hand, as
 :class:`~optimum_splitquant.nn.SplitQuantLinear` does:
@@ -14,40 +14,20 @@ The forward pass uses the fastest path the package has for the tensors at hand, 
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 import torch.nn.functional as F
 
 from .. import kernels
 from ..core.quantize import dequantize_weight
-from ..core.ranges import decode_ranges, unpack_range_codes
 from ..core.spec import QuantSpec
 from ..kernels import triton_ops
 
-__all__ = ["FUSED_MAX_TOKENS", "decode_layer_ranges", "dequantize", "linear"]
+__all__ = ["FUSED_MAX_TOKENS", "dequantize", "linear"]
 
 FUSED_MAX_TOKENS = 32
 """Calls with at most this many fp32 tokens use the fused CPU kernel: it beats dequantize + GEMM up to
 about 32 tokens on 2 cores (:mod:`optimum_splitquant.nn.linear`), which covers a decode step of a batch
 of up to 32 sequences; a prefill of more tokens dequantizes once and runs one GEMM."""
-
-
-def decode_layer_ranges(
-    codes: torch.Tensor, steps: torch.Tensor, rows: int, groups: int, spec: QuantSpec
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(scale, offset)`` of shape ``(rows, groups, num_clusters)`` from a layer's stored range codes and steps.
-
-    Decodes through :func:`~optimum_splitquant.core.ranges.unpack_range_codes` and
-    :func:`~optimum_splitquant.core.ranges.decode_ranges` with the layer's ``spec`` (in the steps' dtype
-    when they were cast), so the meaning of the codes is the core's.
-    """
-    if steps.dtype != spec.scale_dtype:
-        spec = replace(spec, scale_dtype=steps.dtype)
-    coded = unpack_range_codes(codes, steps, rows * groups, spec)
-    scale, offset = decode_ranges(coded, spec)
-    shape = (rows, groups, spec.num_clusters)
-    return scale.reshape(shape), offset.reshape(shape)
 
 
 def dequantize(

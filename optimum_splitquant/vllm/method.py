@@ -22,7 +22,7 @@ Coded ranges (``range_bits``): ``weight_range_codes`` / ``weight_range_steps`` f
 the (row, group, cluster) lines of a stored module, in blocks of ``range_block`` lines that cross
 rows, so they cannot be cut per rank. Their loaders keep each stored module's whole (small) tensors
 until the module's codes, steps and packed rows have arrived, decode them with the core functions
-(:func:`~optimum_splitquant.vllm.compute.decode_layer_ranges`), and hand the decoded full ``(rows, G,
+(:func:`~optimum_splitquant.core.ranges.decode_layer_ranges`), and hand the decoded full ``(rows, G,
 k)`` ranges to vLLM's loader of ``weight_scale`` / ``weight_offset``, which shards them like stored
 ones: every tensor parallel size that suits the packed rows suits coded ranges too.
 
@@ -52,6 +52,7 @@ from vllm.model_executor.parameter import (
 
 from ..checkpoint.format import OFFSET, PACKED, RANGE_CODES, RANGE_STEPS, SCALE
 from ..core.packing import packed_row_bytes
+from ..core.ranges import decode_layer_ranges
 from ..core.spec import QuantSpec
 from ..nn.compact import ids_in_range
 from . import compute
@@ -191,7 +192,7 @@ class SplitQuantLinearMethod(LinearMethodBase):
         if not {RANGE_CODES, RANGE_STEPS, "rows"} <= pending.keys():
             return
         rows = pending["rows"]
-        scale, offset = compute.decode_layer_ranges(
+        scale, offset = decode_layer_ranges(
             pending[RANGE_CODES], pending[RANGE_STEPS], rows, state.full_groups, self.spec
         )
         del state.coded[part]
