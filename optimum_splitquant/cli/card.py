@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from ..hf.config import BUDGET_WIDTH
+from ..report import SQNR_FLOOR_DB
 from .console import one_line
 from .models import AUTO_CLASSES
 
@@ -64,6 +65,9 @@ class CardInfo:
         budget: the stored bits per weight asked for (``--budget``), if the config came from
             ``SplitQuantConfig.for_budget``.
         budget_overrides: the settings given with ``budget`` that override its configuration.
+        sqnr_db: the model-level reconstruction SQNR in dB, measured while quantizing
+            (:attr:`optimum_splitquant.report.QualityReport.sqnr_db`), if measured.
+        layer_sqnr_db: each quantized layer's SQNR in dB, by module name, if measured.
     """
 
     quantization_config: Mapping[str, Any]
@@ -81,6 +85,8 @@ class CardInfo:
     sentence_transformers: bool = False
     budget: float | None = None
     budget_overrides: Mapping[str, Any] = field(default_factory=dict)
+    sqnr_db: float | None = None
+    layer_sqnr_db: Mapping[str, float] = field(default_factory=dict)
 
 
 def parse_front_matter(text: str, source: str = "README.md") -> dict[str, Any]:
@@ -167,6 +173,8 @@ def _metadata(info: CardInfo) -> dict[str, Any]:
     if info.budget is not None:
         block["budget_bits_per_weight"] = info.budget
         block["budget_overrides"] = dict(info.budget_overrides)
+    if info.sqnr_db is not None:
+        block["reconstruction"] = _reconstruction_block(info)
     if info.metrics:
         block["evaluation"] = [{k: v for k, v in asdict(m).items() if v is not None} for m in info.metrics]
     meta["splitquant"] = block
@@ -206,6 +214,51 @@ def _budget_row(info: CardInfo) -> list[str]:
         f"| bits budget asked for | {info.budget:g} stored bits per weight on rows of {BUDGET_WIDTH} inputs: the settings "
         f"below are `SplitQuantConfig.for_budget({info.budget:g}{args})` |"
     ]
+
+
+def _db(value: float) -> float | str:
+    """A dB figure for the card: rounded to 0.01, ``"inf"`` for an exact reconstruction."""
+    return round(value, 2) if abs(value) != float("inf") else str(value)
+
+
+def _reconstruction_block(info: CardInfo) -> dict[str, Any]:
+    """The ``reconstruction`` entry of the front matter: model-level, worst and per-layer SQNR (dB)."""
+    block: dict[str, Any] = {"sqnr_db": _db(info.sqnr_db), "sqnr_floor_db": SQNR_FLOOR_DB}
+    if info.layer_sqnr_db:
+        worst = min(info.layer_sqnr_db, key=info.layer_sqnr_db.__getitem__)
+        block["worst_layer"] = {"name": worst, "sqnr_db": _db(info.layer_sqnr_db[worst])}
+        block["layer_sqnr_db"] = {name: _db(db) for name, db in info.layer_sqnr_db.items()}
+    return block
+
+
+def _reconstruction_section(info: CardInfo) -> list[str]:
+    """How far the quantized weights lie from the float ones: the model-level figure and one row per layer."""
+    verdict = (
+        "at or above"
+        if info.sqnr_db >= SQNR_FLOOR_DB
+        else "**below** (the model is likely unusable; `SplitQuantConfig.for_budget(4.5)` stores enough bits)"
+    )
+    lines = [
+        "## Reconstruction error",
+        "",
+        "SQNR = 10 log10(‖W‖² / ‖W - Ŵ‖²) of each quantized weight W and its dequantized form Ŵ, measured while "
+        f"quantizing. Model level: **{info.sqnr_db:.1f} dB** (the mean of the layers' noise-to-signal ratios, "
+        f"weighted by their weights), {verdict} the floor of {SQNR_FLOOR_DB:.1f} dB under which the models "
+        "measured with optimum-splitquant stop being usable.",
+        "",
+    ]
+    if info.layer_sqnr_db:
+        lines += [
+            f"<details><summary>SQNR per layer ({len(info.layer_sqnr_db)} layers)</summary>",
+            "",
+            "| layer | SQNR dB |",
+            "|---|---:|",
+            *(f"| `{name}` | {db:.1f} |" for name, db in info.layer_sqnr_db.items()),
+            "",
+            "</details>",
+            "",
+        ]
+    return lines
 
 
 def _coded(cfg: dict) -> str:
@@ -250,6 +303,8 @@ def model_card(info: CardInfo) -> str:
         *_settings_table(info),
         "",
     ]
+    if info.sqnr_db is not None:
+        body += _reconstruction_section(info)
     if info.metrics:
         body += ["## Evaluation", "", *_metrics_table(info.metrics), ""]
     body += [

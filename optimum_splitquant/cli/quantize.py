@@ -33,7 +33,7 @@ from transformers import PretrainedConfig
 from ..checkpoint.saving import remove_stale_staging, staged_folder, staging_folder
 from ..hf.config import BUDGET_WIDTH, SplitQuantConfig
 from ..hf.quantize_model import quantize_model
-from ..report import size_report
+from ..report import quality_report, size_report
 from . import data
 from .card import CardInfo, base_card_metadata, model_card
 from .console import CliError, one_line, out
@@ -372,6 +372,7 @@ def _card_info(
     # The float checkpoint on disk, else the float size of what was just quantized.
     size_before = safetensors_bytes(Path(args.model).expanduser()) or report.other_bytes + 4 * report.quantized_weights
     base_model, base_name = _base_id(args.model)
+    quality = quality_report(model)  # measured while quantizing
     return CardInfo(
         quantization_config=model.config.quantization_config.to_dict(),
         task=task,
@@ -388,6 +389,8 @@ def _card_info(
         sentence_transformers=sentence_transformers,
         budget=args.budget,
         budget_overrides=_settings_given(args) if args.budget is not None else {},
+        sqnr_db=quality.sqnr_db if quality.layers else None,
+        layer_sqnr_db={name: error.sqnr_db for name, error in quality.layers.items()},
     )
 
 

@@ -1,19 +1,82 @@
-"""Letting the float checkpoint go after quantizing at load time (OS memory handling, kept out of the quantizer)."""
+"""Letting the float checkpoint go after quantizing at load time (OS memory handling, kept out of the quantizer).
+
+transformers reads a safetensors checkpoint as tensors that are views into a private memory map of
+the file: a page of it costs resident memory once read, and stays resident while mapped. Quantizing
+a weight reads every page of it, so without help the process ends up holding the whole float file
+(plus the quantized copy) though a float load of the same model touches almost none of it.
+:func:`release_file_pages` hands back the pages of each float weight once it is quantized (Linux),
+and :func:`return_freed_heap` the quantizer's freed temporaries; :func:`own_float_tensors` then
+copies the float parameters that stay (embeddings, norms), handing back each one's pages as it goes,
+so that the map can go and the float file can be overwritten or deleted.
+"""
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import logging
+import mmap
 import sys
 
 import torch
 
 from ..nn.compact import SplitQuantModule
 
-__all__ = ["own_float_tensors"]
+__all__ = ["own_float_tensors", "release_file_pages", "return_freed_heap"]
 
 logger = logging.getLogger(__name__)
+
+_MADV_DONTNEED = 4
+# /proc/self/pagemap: one little-endian 64-bit entry per virtual page (Documentation/admin-guide/mm/pagemap.rst).
+_PAGE_PRESENT, _PAGE_SWAPPED, _PAGE_FILE = 1 << 63, 1 << 62, 1 << 61
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.madvise.restype = ctypes.c_int
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    except (OSError, AttributeError):  # not glibc (musl): nothing to do
+        logger.debug("madvise / malloc_trim are not available")
+        return None
+    return libc
+
+
+def release_file_pages(tensor: torch.Tensor) -> bool:
+    """Drop the resident pages of ``tensor``, a consumed view into a file map; whether it did.
+
+    Only the pages lying wholly inside the tensor's bytes, and only if each of them is either not
+    resident or a clean page of a file (``/proc/self/pagemap``): ``MADV_DONTNEED`` then loses
+    nothing, and reading the tensor again reads the file. Anything else (a tensor in the heap, on a
+    GPU, non-contiguous, a page written since it was mapped, no ``/proc``, not Linux) is left
+    alone and gives False; a tensor smaller than a page gives True (nothing to release).
+    """
+    libc = _libc()
+    if libc is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
+        return False
+    size = mmap.PAGESIZE
+    start = tensor.data_ptr()
+    first, end = -(-start // size) * size, (start + tensor.numel() * tensor.element_size()) // size * size
+    if end <= first:
+        return True
+    pages = (end - first) // size
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(first // size * 8)
+            entries = f.read(pages * 8)
+    except OSError:
+        return False
+    if len(entries) != pages * 8:
+        return False
+    flags = memoryview(entries).cast("Q")
+    if any(e & _PAGE_SWAPPED or (e & _PAGE_PRESENT and not e & _PAGE_FILE) for e in flags):
+        return False
+    return libc.madvise(first, end - first, _MADV_DONTNEED) == 0
 
 
 def own_float_tensors(model: torch.nn.Module) -> None:
@@ -35,6 +98,7 @@ def own_float_tensors(model: torch.nn.Module) -> None:
                 continue
             if id(param) not in copies:
                 copies[id(param)] = torch.nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+                release_file_pages(param)  # the copy stands for it: one float tensor's pages at a time
             module._parameters[name] = copies[id(param)]
         if isinstance(module, SplitQuantModule):
             continue
@@ -43,17 +107,15 @@ def own_float_tensors(model: torch.nn.Module) -> None:
                 continue
             if id(buf) not in copies:
                 copies[id(buf)] = buf.clone()
+                release_file_pages(buf)
             module._buffers[name] = copies[id(buf)]
     copies.clear()
     gc.collect()
-    _return_freed_heap()
+    return_freed_heap()
 
 
-def _return_freed_heap() -> None:
-    """Hand the float copies freed while quantizing back to the OS (glibc keeps them otherwise)."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (musl): nothing to do
-        logger.debug("malloc_trim is not available")
+def return_freed_heap() -> None:
+    """Hand memory freed on the heap back to the OS (glibc keeps it otherwise): the temporaries of quantizing."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)

@@ -41,9 +41,10 @@ from ..checkpoint.headers import (
 from ..core.spec import SCALE_DTYPES
 from ..layers import dequantize_model, eligible_layers, layer_kind, replace_layers, resolve_modules_to_not_convert
 from ..nn.compact import SplitQuantModule, validate_layers
+from ..report import log_quality
 from .config import QUANT_METHOD, SplitQuantConfig
 from .key_mapping import checkpoint_key_renamer, module_renamer, outside_base_model
-from .memory import own_float_tensors
+from .memory import own_float_tensors, release_file_pages, return_freed_heap
 
 __all__ = ["LayerTensors", "QuantizeOnLoad", "SplitQuantHfQuantizer"]
 
@@ -264,7 +265,8 @@ class SplitQuantHfQuantizer(HfQuantizer):
                 with _onloaded(name, module):
                     validate_layers({name: module}, self.load_dtype)
         else:
-            own_float_tensors(model)
+            log_quality(model, logger)  # the summary at INFO; a warning below the usable floor
+            own_float_tensors(model)  # copies what stays float, so that the float file's map can go
         return model
 
     def get_state_dict_and_metadata(self, model: torch.nn.Module) -> tuple[None, dict[str, str]]:
@@ -346,7 +348,11 @@ def _onloaded(name: str, module: SplitQuantModule) -> Iterator[None]:
 
 
 class QuantizeOnLoad(ConversionOps):
-    """Load-time op: quantizes one float weight into its SplitQuant layer and drops the float copy."""
+    """Load-time op: quantizes one float weight into its SplitQuant layer and drops the float copy.
+
+    The float weight's pages of the checkpoint's file map and the heap freed by quantizing go back to
+    the OS at once (:mod:`.memory`), so that a load holds one layer's float weight at a time.
+    """
 
     def __init__(self, hf_quantizer: SplitQuantHfQuantizer) -> None:
         self.hf_quantizer = hf_quantizer
@@ -368,6 +374,8 @@ class QuantizeOnLoad(ConversionOps):
             # transformers would fold an exception here into a generic RuntimeError; keep the
             # layer's own message and raise it once loading is done.
             self.hf_quantizer.load_errors[module_name] = str(exc)
+        release_file_pages(value)
+        return_freed_heap()
         module._is_hf_initialized = True
         for buf in module._buffers.values():
             buf._is_hf_initialized = True

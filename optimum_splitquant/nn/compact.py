@@ -16,11 +16,16 @@ With coded ranges (``spec.range_bits``, formats 2 and 3) the layer stores ``weig
 
 Optional non-persistent buffer: ``weight_cache`` (float ``(out_features, in_features)``), kept by
 :meth:`SplitQuantModule.cache_weight_`.
+
+A layer quantized in this process also records how far its dequantized weight lies from the float
+weight it was given (:class:`QuantizationError`, attribute ``quantization_error``; ``None`` for a
+layer read from a checkpoint). It is not saved.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -33,15 +38,51 @@ from ..core.ranges import decode_ranges, unpack_range_codes
 from ..core.spec import QuantSpec
 from ..kernels import triton_ops
 
-__all__ = ["SplitQuantModule", "ids_in_range", "validate_layers"]
+__all__ = ["QuantizationError", "SplitQuantModule", "ids_in_range", "validate_layers"]
 
 _CACHE = "weight_cache"
+
+# Rows of the error measurement hold about this many weights: its temporaries (a dequantized chunk and
+# its difference to the float chunk) stay small beside the layer's own float weight.
+_ERROR_CHUNK_WEIGHTS = 1 << 20
+
+
+@dataclass(frozen=True)
+class QuantizationError:
+    """Reconstruction error of one quantized weight, measured when it was quantized.
+
+    Attributes:
+        weights: number of weights.
+        signal: ``||W||^2``, the squared norm of the float weight.
+        noise: ``||W - W_hat||^2``, the squared norm of its difference to the dequantized weight.
+    """
+
+    weights: int
+    signal: float
+    noise: float
+
+    @property
+    def relative_noise(self) -> float:
+        """``noise / signal`` (0 for an exact reconstruction, a zero weight included)."""
+        if self.noise == 0:
+            return 0.0
+        return self.noise / self.signal if self.signal > 0 else math.inf
+
+    @property
+    def sqnr_db(self) -> float:
+        """Signal-to-quantization-noise ratio, ``10 log10(signal / noise)`` dB (``inf`` when exact)."""
+        ratio = self.relative_noise
+        if ratio == 0:
+            return math.inf
+        return -10 * math.log10(ratio) if math.isfinite(ratio) else -math.inf
 
 
 class SplitQuantModule(nn.Module):
     """Base of the quantized layers: compact buffers, quantizing, validation, dequantization, sizes."""
 
     _weight_noun = "weight"
+    quantization_error: QuantizationError | None = None
+    """Set by :meth:`quantize_`; ``None`` for a layer read from a checkpoint."""
     weight_packed: torch.Tensor
     weight_scale: torch.Tensor
     weight_offset: torch.Tensor
@@ -164,13 +205,17 @@ class SplitQuantModule(nn.Module):
     def quantize_(self, weight: torch.Tensor, ids: torch.Tensor | None = None) -> None:
         """Quantize ``weight`` (in the replaced layer's own layout) into the buffers; drops the float weight.
 
-        ``ids`` (shape ``(out_features, in_features)``) overrides the clustering.
+        ``ids`` (shape ``(out_features, in_features)``) overrides the clustering. Records the
+        reconstruction error in :attr:`quantization_error`.
         """
         if tuple(weight.shape) != tuple(self.float_shape):
             raise ValueError(
                 f"expected a {self._weight_noun} of shape {tuple(self.float_shape)}, got {tuple(weight.shape)}"
             )
-        q = quantize_weight(self._rows(weight.detach()), self.spec, ids=ids)
+        rows = self._rows(weight.detach())
+        q = quantize_weight(rows, self.spec, ids=ids)
+        self.quantization_error = _measure_error(rows, q, self.spec)
+        del rows
         self.clear_weight_cache_()
         device = weight.device
         self.weight_packed = q.packed.to(device)
@@ -287,18 +332,9 @@ class SplitQuantModule(nn.Module):
 
     def _dequantize_packed(self, dtype: torch.dtype) -> torch.Tensor:
         self._ensure_ranges()
-        packed = self.weight_packed
-        if packed.device.type == "cuda" and triton_ops.available():
-            spec = self.spec
-            return triton_ops.dequantize(
-                packed, self.weight_scale, self.weight_offset, self.in_features, spec.bits, spec.symbol_width, dtype
-            )
-        if packed.device.type == "cpu" and kernels.available():
-            w = kernels.dequantize(
-                packed, self.weight_scale, self.weight_offset, self.in_features, self.spec.bits, self.spec.symbol_width
-            )
-            return w if dtype == torch.float32 else w.to(dtype)
-        return dequantize_weight(packed, self.weight_scale, self.weight_offset, self.in_features, self.spec, dtype)
+        return _dequantized(
+            self.weight_packed, self.weight_scale, self.weight_offset, self.in_features, self.spec, dtype
+        )
 
     def _check_quantized(self) -> None:
         if not self.is_quantized:
@@ -349,6 +385,44 @@ class SplitQuantModule(nn.Module):
         group = "row" if s.group_size is None else s.group_size
         coded = "" if s.range_bits is None else f", range_bits={s.range_bits}, range_block={s.range_block}"
         return f"bits={s.bits}, num_clusters={s.num_clusters}, group={group}, clustering={s.clustering}{coded}"
+
+
+def _dequantized(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor,
+    in_features: int,
+    spec: QuantSpec,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The ``(rows, in_features)`` float weight of compact tensors: the fastest path of their device."""
+    if packed.device.type == "cuda" and triton_ops.available():
+        return triton_ops.dequantize(packed, scale, offset, in_features, spec.bits, spec.symbol_width, dtype)
+    if packed.device.type == "cpu" and kernels.available():
+        w = kernels.dequantize(packed, scale, offset, in_features, spec.bits, spec.symbol_width)
+        return w if dtype == torch.float32 else w.to(dtype)
+    return dequantize_weight(packed, scale, offset, in_features, spec, dtype)
+
+
+def _measure_error(rows: torch.Tensor, q: QuantizedWeight, spec: QuantSpec) -> QuantizationError:
+    """:class:`QuantizationError` of float ``rows`` ``(out, in)`` against their quantized form ``q``.
+
+    Dequantized a chunk of rows at a time (:data:`_ERROR_CHUNK_WEIGHTS`): no full-size float copy of
+    the layer beside the one the caller holds, and no difference tensor (``torch.dist``). Norms per
+    chunk in float32, their squares summed in float64.
+    """
+    out_f, in_f = rows.shape
+    signal = noise = 0.0
+    step = max(1, _ERROR_CHUNK_WEIGHTS // max(in_f, 1))
+    with torch.no_grad():
+        for r0 in range(0, out_f if in_f else 0, step):
+            w = rows[r0 : r0 + step].float()
+            rebuilt = _dequantized(
+                q.packed[r0 : r0 + step], q.scale[r0 : r0 + step], q.offset[r0 : r0 + step], in_f, spec
+            )
+            signal += float(torch.linalg.vector_norm(w)) ** 2
+            noise += float(torch.dist(rebuilt, w)) ** 2
+    return QuantizationError(out_f * in_f, signal, noise)
 
 
 def enable_weight_cache(model: nn.Module, dtype: torch.dtype | None = None) -> int:
