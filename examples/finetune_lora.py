@@ -44,7 +44,7 @@ from transformers import (
 )
 
 from optimum_splitquant import SplitQuantConfig, SplitQuantModule, save_pretrained_atomic
-from optimum_splitquant.checkpoint.format import QUANTIZED_TENSORS
+from optimum_splitquant.checkpoint.format import COMPUTE_TENSORS
 from optimum_splitquant.cli.data import bbc_heldout_tokens, bbc_news, cache_dir, perplexity, smollm_path, split
 
 logger = logging.getLogger("finetune_lora")
@@ -122,7 +122,7 @@ def packed_checksum(model: torch.nn.Module) -> int:
     total = 0
     for m in model.modules():
         if isinstance(m, SplitQuantModule):
-            for name in QUANTIZED_TENSORS:
+            for name in COMPUTE_TENSORS:
                 total = (total * 31 + int(getattr(m, name).view(torch.uint8).sum())) % (1 << 61)
     return total
 

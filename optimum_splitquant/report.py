@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .checkpoint.format import QUANTIZED_TENSORS
+from .checkpoint.format import LAYER_TENSORS
 from .nn.compact import QuantizationError, SplitQuantModule
 
 __all__ = [
@@ -53,7 +53,7 @@ class SizeReport:
 def size_report(model: nn.Module) -> SizeReport:
     """Count what ``model`` stores, split between SplitQuant layers and everything else."""
     layers = [m for m in model.modules() if isinstance(m, SplitQuantModule)]
-    q_ids = {id(getattr(m, b)) for m in layers for b in QUANTIZED_TENSORS}
+    q_ids = {id(getattr(m, b, None)) for m in layers for b in LAYER_TENSORS}  # stored or decoded
     q_bytes = sum(m.storage_bits() for m in layers) // 8
     seen: set[int] = set()
     other = 0

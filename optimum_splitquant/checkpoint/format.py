@@ -50,13 +50,14 @@ from ..core.spec import QuantSpec
 __all__ = [
     "BIAS",
     "CODED_TENSORS",
+    "COMPUTE_TENSORS",
     "FORMAT_VERSION",
+    "LAYER_TENSORS",
     "METADATA_FORMAT_KEY",
     "METADATA_SAVE_ID_KEY",
     "METADATA_SETTINGS_KEY",
     "OFFSET",
     "PACKED",
-    "QUANTIZED_TENSORS",
     "RANGE_CODES",
     "RANGE_STEPS",
     "SCALE",
@@ -77,11 +78,14 @@ OFFSET = "weight_offset"
 BIAS = "bias"
 RANGE_CODES = "weight_range_codes"
 RANGE_STEPS = "weight_range_steps"
-QUANTIZED_TENSORS = (PACKED, SCALE, OFFSET)
+COMPUTE_TENSORS = (PACKED, SCALE, OFFSET)
 """The tensors one quantized layer computes with (the bias is a plain float parameter); all stored
-unless the ranges are coded (then the scales and offsets are rebuilt from :data:`CODED_TENSORS`)."""
+unless the ranges are coded (then the scales and offsets are rebuilt from :data:`CODED_TENSORS`).
+What a layer of a given spec saves: :func:`stored_tensors`."""
 CODED_TENSORS = (RANGE_CODES, RANGE_STEPS)
 """The stored tensors of coded ranges (formats 2 and 3)."""
+LAYER_TENSORS = (*COMPUTE_TENSORS, *CODED_TENSORS)
+"""Every tensor a quantized layer may hold, stored or decoded (without the bias)."""
 
 METADATA_FORMAT_KEY = "splitquant_format_version"
 METADATA_SAVE_ID_KEY = "splitquant_save_id"
@@ -117,7 +121,7 @@ def coded_version(spec: QuantSpec) -> int | None:
 
 def stored_tensors(spec: QuantSpec) -> tuple[str, ...]:
     """Names of the quantized tensors a layer of ``spec`` saves (without the bias)."""
-    return QUANTIZED_TENSORS if spec.range_bits is None else (PACKED, *CODED_TENSORS)
+    return COMPUTE_TENSORS if spec.range_bits is None else (PACKED, *CODED_TENSORS)
 
 
 def layer_tensors(rows: int, width: int, spec: QuantSpec, *, bias: bool) -> dict[str, TensorLayout]:

@@ -18,13 +18,12 @@ from typing import Any
 from safetensors import safe_open
 
 from .format import (
-    CODED_TENSORS,
+    LAYER_TENSORS,
     METADATA_FORMAT_KEY,
     METADATA_SAVE_ID_KEY,
     METADATA_SETTINGS_KEY,
     OFFSET,
     PACKED,
-    QUANTIZED_TENSORS,
     RANGE_STEPS,
     SCALE,
     SCALE_FILE_DTYPES,
@@ -90,7 +89,7 @@ class CheckpointIndex:
             new = rename(key)
             other = index.tensors.get(new)
             if other is not None:
-                if new.endswith(tuple(f".{t}" for t in (*QUANTIZED_TENSORS, *CODED_TENSORS))):
+                if new.endswith(tuple(f".{t}" for t in LAYER_TENSORS)):
                     raise ValueError(
                         f"{other.where(new)} and tensor {key!r} in {info.file} both load as {new!r}; the checkpoint "
                         "holds the same tensor twice under different names"

@@ -13,7 +13,7 @@ import torch
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
-from ..checkpoint.format import CODED_TENSORS, PACKED, QUANTIZED_TENSORS
+from ..checkpoint.format import LAYER_TENSORS, PACKED
 from ..layers import eligible_layers
 
 __all__ = ["checkpoint_key_renamer", "module_renamer", "outside_base_model"]
@@ -36,7 +36,7 @@ def checkpoint_key_renamer(model: torch.nn.Module, conversions: list | None = No
     prefix = model.base_model_prefix
     expected = dict.fromkeys(model.state_dict(), True)
     for name in eligible_layers(model):
-        expected.update(dict.fromkeys((f"{name}.{t}" for t in (*QUANTIZED_TENSORS, *CODED_TENSORS)), True))
+        expected.update(dict.fromkeys((f"{name}.{t}" for t in LAYER_TENSORS), True))
 
     def rename(key: str) -> str:
         # As transformers' convert_and_load_state_dict_in_model renames each checkpoint key.

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from optimum_splitquant.checkpoint import read_checkpoint_index
-from optimum_splitquant.checkpoint.format import QUANTIZED_TENSORS, SCALE_FILE_DTYPES, layer_tensors
+from optimum_splitquant.checkpoint.format import COMPUTE_TENSORS, SCALE_FILE_DTYPES, layer_tensors
 from optimum_splitquant.core import QuantSpec
 from optimum_splitquant.nn import SplitQuantConv2d, SplitQuantLinear
 
@@ -26,7 +26,7 @@ def test_modules_store_exactly_the_declared_tensors(spec, bias):
         declared = layer_tensors(rows, width, spec, bias=bias)
         stored = layer.state_dict()
         assert set(stored) == set(declared)
-        assert set(QUANTIZED_TENSORS) <= set(stored)
+        assert set(COMPUTE_TENSORS) <= set(stored)
         for name, tensor in stored.items():
             assert tuple(tensor.shape) == declared[name].shape, name
             assert _FILE_DTYPE[tensor.dtype] in declared[name].file_dtypes, name

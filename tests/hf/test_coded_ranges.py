@@ -328,3 +328,14 @@ def test_range_block_is_bounded_and_a_long_block_is_one_block(float_dir):
     model = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=cfg)
     for name, layer in _layers(model).items():
         assert layer.weight_range_steps.shape == (1, 2, 1), name
+
+
+def test_size_report_counts_coded_ranges_once():
+    from optimum_splitquant.report import size_report
+
+    spec = QuantSpec(bits=4, num_clusters=1, group_size=32, fit="mse", range_bits=6)
+    model = nn.Sequential(SplitQuantLinear.from_float(nn.Linear(256, 64, bias=False), spec))
+    report = size_report(model)
+    assert report.quantized_bytes * 8 == model[0].storage_bits()  # codes, range codes and steps
+    assert report.other_bytes == 0  # not the range codes and steps again, nor the decoded ranges
+    assert report.effective_bits == 4.5

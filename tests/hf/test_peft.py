@@ -32,7 +32,7 @@ from transformers.pytorch_utils import Conv1D
 
 import optimum_splitquant
 from optimum_splitquant import SplitQuantConfig, SplitQuantConv2d, SplitQuantLinear
-from optimum_splitquant.checkpoint.format import PACKED, QUANTIZED_TENSORS
+from optimum_splitquant.checkpoint.format import COMPUTE_TENSORS, PACKED
 from optimum_splitquant.core.spec import QuantSpec
 from optimum_splitquant.hf.peft import (
     SplitQuantLoraLinear,
@@ -78,7 +78,7 @@ def packed_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     return {
         f"{name.replace('.base_layer', '').replace('.original_module', '')}.{t}": getattr(layer, t).clone()
         for name, layer in quantized_layers(model).items()
-        for t in QUANTIZED_TENSORS
+        for t in COMPUTE_TENSORS
     }
 
 
