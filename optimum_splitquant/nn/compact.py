@@ -38,7 +38,7 @@ from ..core.ranges import decode_ranges, unpack_range_codes
 from ..core.spec import QuantSpec
 from ..kernels import triton_ops
 
-__all__ = ["QuantizationError", "SplitQuantModule", "ids_in_range", "validate_layers"]
+__all__ = ["QuantizationError", "SplitQuantModule", "dequantize_compact", "ids_in_range", "validate_layers"]
 
 _CACHE = "weight_cache"
 
@@ -332,7 +332,7 @@ class SplitQuantModule(nn.Module):
 
     def _dequantize_packed(self, dtype: torch.dtype) -> torch.Tensor:
         self._ensure_ranges()
-        return _dequantized(
+        return dequantize_compact(
             self.weight_packed, self.weight_scale, self.weight_offset, self.in_features, self.spec, dtype
         )
 
@@ -387,7 +387,7 @@ class SplitQuantModule(nn.Module):
         return f"bits={s.bits}, num_clusters={s.num_clusters}, group={group}, clustering={s.clustering}{coded}"
 
 
-def _dequantized(
+def dequantize_compact(
     packed: torch.Tensor,
     scale: torch.Tensor,
     offset: torch.Tensor,
@@ -417,7 +417,7 @@ def _measure_error(rows: torch.Tensor, q: QuantizedWeight, spec: QuantSpec) -> Q
     with torch.no_grad():
         for r0 in range(0, out_f if in_f else 0, step):
             w = rows[r0 : r0 + step].float()
-            rebuilt = _dequantized(
+            rebuilt = dequantize_compact(
                 q.packed[r0 : r0 + step], q.scale[r0 : r0 + step], q.offset[r0 : r0 + step], in_f, spec
             )
             signal += float(torch.linalg.vector_norm(w)) ** 2

@@ -18,33 +18,16 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
-from ..core.quantize import dequantize_weight
 from ..core.spec import QuantSpec
 from ..kernels import triton_ops
+from ..nn.compact import dequantize_compact
 
-__all__ = ["FUSED_MAX_TOKENS", "dequantize", "linear"]
+__all__ = ["FUSED_MAX_TOKENS", "linear"]
 
 FUSED_MAX_TOKENS = 32
 """Calls with at most this many fp32 tokens use the fused CPU kernel: it beats dequantize + GEMM up to
 about 32 tokens on 2 cores (:mod:`optimum_splitquant.nn.linear`), which covers a decode step of a batch
 of up to 32 sequences; a prefill of more tokens dequantizes once and runs one GEMM."""
-
-
-def dequantize(
-    packed: torch.Tensor,
-    scale: torch.Tensor,
-    offset: torch.Tensor,
-    in_features: int,
-    spec: QuantSpec,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """The ``(rows, in_features)`` weight in ``dtype``, bit-identical to ``core.dequantize_weight``."""
-    if packed.device.type == "cuda" and triton_ops.available():
-        return triton_ops.dequantize(packed, scale, offset, in_features, spec.bits, spec.symbol_width, dtype)
-    if packed.device.type == "cpu" and kernels.available():
-        w = kernels.dequantize(packed, scale, offset, in_features, spec.bits, spec.symbol_width)
-        return w if dtype == torch.float32 else w.to(dtype)
-    return dequantize_weight(packed, scale, offset, in_features, spec, dtype)
 
 
 def linear(
@@ -73,4 +56,4 @@ def linear(
         flat = x.reshape(tokens, in_features).contiguous()
         y = kernels.linear(flat, packed, scale, offset, bias, in_features, spec.bits, spec.symbol_width)
         return y.view(*x.shape[:-1], packed.shape[0])
-    return F.linear(x, dequantize(packed, scale, offset, in_features, spec, x.dtype), bias)
+    return F.linear(x, dequantize_compact(packed, scale, offset, in_features, spec, x.dtype), bias)

@@ -21,7 +21,7 @@ from vllm.model_executor.layers import linear as vllm_linear
 
 from optimum_splitquant.hf.config import SplitQuantConfig
 from optimum_splitquant.nn import SplitQuantLinear
-from optimum_splitquant.vllm import compute
+from optimum_splitquant.nn.compact import dequantize_compact
 from optimum_splitquant.vllm.config import SplitQuantVllmConfig
 from optimum_splitquant.vllm.method import SplitQuantLinearMethod
 
@@ -65,7 +65,7 @@ def _finish(layer: nn.Module) -> None:
 def _dequantized(layer: nn.Module) -> torch.Tensor:
     method: SplitQuantLinearMethod = layer.quant_method
     width = layer.input_size_per_partition
-    return compute.dequantize(
+    return dequantize_compact(
         layer.weight_packed, layer.weight_scale, layer.weight_offset, width, method.spec, torch.float32
     )
 
