@@ -109,8 +109,12 @@ def vllm_subprocess_env(tp: int = 1) -> dict[str, str]:
     """Environment of a vLLM CPU subprocess: its OpenMP runtime preloaded, 1 GiB of KV cache, one core per TP rank."""
     env = dict(os.environ)
     iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
-    if iomp.exists():  # the CPU build's OpenMP runtime must be loaded first
-        env["LD_PRELOAD"] = " ".join(p for p in (str(iomp), env.get("LD_PRELOAD", "")) if p)
+    if iomp.exists():  # the CPU build's OpenMP runtime must be loaded first, and no other one
+        # Building a VllmConfig in this process (the layer tests) adds torch's libgomp to os.environ's
+        # LD_PRELOAD; vLLM refuses an engine whose LD_PRELOAD names two OpenMP runtimes.
+        inherited = env.get("LD_PRELOAD", "").replace(":", " ").split()
+        others = [p for p in inherited if not any(omp in Path(p).name for omp in ("libgomp", "libiomp", "libomp"))]
+        env["LD_PRELOAD"] = " ".join([str(iomp), *others])
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     if tp > 1:
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i % (os.cpu_count() or 1)) for i in range(tp)))
