@@ -26,6 +26,7 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("SINQ_AUTO_PATCH", "0")  # for child processes; see _restart_without_sinq_patch
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -301,5 +302,16 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     return 1 if any(r.get("error") for t in result["tasks"] for r in t["rows"]) else 0
 
 
+def _restart_without_sinq_patch() -> None:
+    """The SINQ wheel's ``sitecustomize.py`` patches transformers' loading and saving at interpreter start
+    unless ``SINQ_AUTO_PATCH=0``; where it did (it sets ``SINQ_PTH_LOADED=1``), restart this script without it."""
+    if os.environ.get("SINQ_PTH_LOADED") == "1":
+        env = {k: v for k, v in os.environ.items() if k != "SINQ_PTH_LOADED"}
+        env["SINQ_AUTO_PATCH"] = "0"
+        logger.warning("SINQ patched transformers at start-up: restarting with SINQ_AUTO_PATCH=0")
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
 if __name__ == "__main__":
+    _restart_without_sinq_patch()
     sys.exit(main())

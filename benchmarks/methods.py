@@ -8,7 +8,15 @@ over the number of original weights.
 Method sets (``--methods`` of ``bench_quality.py`` takes set names, method names or glob patterns):
 ``default`` (:func:`all_methods`), ``extra`` (:func:`extra_methods`), ``frontier``
 (:func:`frontier_methods`: an HQQ grid, a pruned SplitQuant grid with ``fit="minmax"`` and ``fit="mse"``,
-quanto qint4), ``frontier-full`` (the SplitQuant product unpruned) and ``quick`` (:func:`quick_methods`).
+quanto qint4), ``frontier-full`` (the SplitQuant product unpruned), ``anchors`` (:func:`anchor_methods`: SINQ and
+bitsandbytes NF4, calibration-free anchors from optional libraries), ``frontier-anchors``
+(:func:`frontier_anchor_methods`: ``SplitQuantConfig.for_budget`` against HQQ, SINQ and NF4) and ``quick``
+(:func:`quick_methods`).
+
+SINQ and bitsandbytes are imported only when one of their methods runs (``pip install -e ".[anchors]"``, see
+``scripts/install_anchors.sh``); without them those methods are reported n/a. The SINQ wheel installs a
+``sitecustomize.py`` that patches transformers at every interpreter start unless ``SINQ_AUTO_PATCH=0``
+(``bench_quality.py`` restarts itself with it set; :func:`apply_method` refuses to run SINQ in a patched process).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import fnmatch
 import io
 import logging
 import math
+import os
 import shutil
 import time
 import warnings
@@ -36,17 +45,25 @@ __all__ = [
     "FRONTIER_SPLITQUANT",
     "METHOD_SETS",
     "Applied",
+    "DequantizingLinear",
     "Method",
     "all_methods",
+    "anchor_methods",
     "apply_method",
     "expected_bits",
     "extra_methods",
+    "for_budget_methods",
     "for_budget_names",
+    "frontier_anchor_methods",
     "frontier_methods",
     "hqq_methods",
+    "nf4_expected_bits",
+    "nf4_methods",
     "quick_methods",
     "safetensors_bytes",
     "select_methods",
+    "sinq_expected_bits",
+    "sinq_methods",
     "splitquant_grid",
     "splitquant_method",
     "unsupported",
@@ -61,7 +78,7 @@ class Method:
 
     name: str
     family: str
-    kind: str  # "fp32" | "splitquant" | "quanto" | "split+quanto" | "hqq"
+    kind: str  # "fp32" | "splitquant" | "quanto" | "split+quanto" | "hqq" | "sinq" | "nf4"
     bits: int | None = None
     num_clusters: int = 3
     group_size: int | None = None
@@ -252,6 +269,78 @@ def frontier_methods(full: bool = False) -> list[Method]:
     return methods
 
 
+# ---- calibration-free anchors beyond HQQ: SINQ and bitsandbytes NF4 (optional libraries) -----------
+#: SINQ code bits and group sizes (configs kept where :func:`sinq_expected_bits` is in FRONTIER_RANGE).
+SINQ_BITS = (3, 4, 5, 6)
+SINQ_GROUPS = (32, 64, 128)
+#: bitsandbytes NF4 block sizes (weights per absmax).
+NF4_BLOCKS = (32, 64, 128)
+#: The library each anchor kind imports, and the ``pip install`` that brings it.
+ANCHOR_LIBRARIES = {"sinq": ("sinq", "sinq==0.2.0"), "nf4": ("bitsandbytes", "bitsandbytes>=0.50")}
+# SINQ packs codes along the group axis: weights per packed word and the word's bits (3, 5, 6 bits: int32).
+_SINQ_PACK = {2: (4, 8), 3: (10, 32), 4: (2, 8), 5: (6, 32), 6: (5, 32), 8: (1, 8)}
+
+
+def sinq_expected_bits(nbits: int, group_size: int, rows: int, cols: int) -> float:
+    """SINQ's (``method="sinq"``) stored bits per weight on a ``rows x cols`` weight whose groups of
+    ``group_size`` consecutive weights fit in rows: packed codes (3, 5 and 6 bits in int32 words, the group count
+    padded to whole words), an 8-bit scale code and an 8-bit zero code per group, a float16 minimum and step per
+    32 scale codes and one pair for all zero codes (its ``rtn8``), and one float16 scale per input column."""
+    groups = rows * cols // group_size
+    per_word, word_bits = _SINQ_PACK[nbits]
+    codes = word_bits * group_size * math.ceil(groups / per_word)
+    side = 8 * groups + 2 * 16 * math.ceil(groups / 32) + 8 * groups + 2 * 16 + 16 * cols
+    return (codes + side) / (rows * cols)
+
+
+def nf4_expected_bits(blocksize: int) -> float:
+    """bitsandbytes NF4 with double quantization: 4-bit codes, an 8-bit absmax code per block, a float32 absmax
+    per 256 blocks (the per-layer float32 offset and the fixed code tables are left out)."""
+    return 4 + 8 / blocksize + 32 / (blocksize * 256)
+
+
+def sinq_methods() -> list[Method]:
+    """SINQ (Sinkhorn-normalized row and column scales, 8-bit auxiliary scales) for SINQ_BITS x SINQ_GROUPS whose
+    bits on FRONTIER_WIDTHS-square layers are in FRONTIER_RANGE."""
+    configs = [
+        (b, g)
+        for b, g in product(SINQ_BITS, SINQ_GROUPS)
+        if _in_range([sinq_expected_bits(b, g, w, w) for w in FRONTIER_WIDTHS])
+    ]
+    configs.sort(key=lambda c: (sinq_expected_bits(*c, 384, 384), c[0]))
+    return [Method(f"SINQ {b}-bit g{g}", "SINQ", "sinq", b, 1, g) for b, g in configs]
+
+
+def nf4_methods() -> list[Method]:
+    """bitsandbytes NF4 (normal-quantile 4-bit table, double-quantized absmax) for each of NF4_BLOCKS."""
+    return [Method(f"NF4 b{b}", "bitsandbytes NF4", "nf4", 4, 1, b) for b in sorted(NF4_BLOCKS, reverse=True)]
+
+
+def anchor_methods() -> list[Method]:
+    """The anchors that need optional libraries: SINQ and bitsandbytes NF4, ordered by bits."""
+    return sinq_methods() + nf4_methods()
+
+
+def for_budget_methods(budgets: tuple[float, ...] | list[float] | None = None) -> list[Method]:
+    """``SplitQuantConfig.for_budget(b)``'s configuration for every budget (default: output.BUDGETS), once each."""
+    from benchmarks.output import BUDGETS
+
+    chosen: dict[str, Method] = {}
+    for budget in budgets or BUDGETS:
+        try:
+            c = SplitQuantConfig.for_budget(budget)
+        except ValueError:
+            continue
+        m = splitquant_method(c.bits, c.num_clusters, c.group_size, c.fit, c.clustering, c.range_bits)
+        chosen.setdefault(m.name, m)
+    return list(chosen.values())
+
+
+def frontier_anchor_methods() -> list[Method]:
+    """FP32, ``for_budget``'s configurations, and every calibration-free anchor: HQQ, SINQ, bitsandbytes NF4."""
+    return [Method("FP32", "FP32", "fp32"), *for_budget_methods(), *hqq_methods(), *anchor_methods()]
+
+
 def quick_methods() -> list[Method]:
     """One method of each kind, for tests."""
     wanted = {
@@ -270,6 +359,8 @@ METHOD_SETS: dict[str, Callable[[], list[Method]]] = {
     "extra": extra_methods,
     "frontier": frontier_methods,
     "frontier-full": lambda: frontier_methods(full=True),
+    "anchors": anchor_methods,
+    "frontier-anchors": frontier_anchor_methods,
     "quick": quick_methods,
 }
 
@@ -342,13 +433,22 @@ def unsupported(method: Method, model: nn.Module) -> str | None:
     groups consecutive weights of the row-major flattened matrix (``axis=1``), so it only needs the group
     size to be a multiple of 8 dividing ``out * in`` with a group count its bit packing can split; a group
     then may straddle two rows when it does not divide the width. HQQLinear only replaces ``nn.Linear``.
+    SINQ and NF4 also replace only ``nn.Linear`` and need their library installed; SINQ needs whole groups of 32
+    scale codes per layer (its 8-bit scale coding), NF4 blocks run over the flattened weight.
     """
-    if method.kind not in ("splitquant", "hqq"):
+    if method.kind not in ("splitquant", "hqq", *ANCHOR_LIBRARIES):
         return None
+    missing = _missing_library(method.kind)
+    if missing:
+        return missing
     for name, layer in _quantized_layers(model).items():
-        if method.kind == "hqq" and type(layer) is not nn.Linear:
-            return f"HQQ only quantizes nn.Linear; {name} is a {type(layer).__name__}"
-        if method.group_size is None:
+        if method.kind != "splitquant" and type(layer) is not nn.Linear:
+            return f"{method.kind} only quantizes nn.Linear here; {name} is a {type(layer).__name__}"
+        if method.group_size is None or method.kind == "nf4":  # NF4 blocks run over the flattened weight
+            continue
+        if method.kind == "sinq":
+            if layer.weight.numel() % (32 * method.group_size):
+                return f"SINQ group_size={method.group_size} does not split {name} into groups of 32 scales"
             continue
         g = method.group_size
         if method.kind == "splitquant":
@@ -457,6 +557,124 @@ def _apply_hqq(method: Method, model: nn.Module) -> tuple[float, float, int]:
     return seconds, bits, _model_bytes(model) + group_bytes + sum(_hqq_bias_bytes(layer) for layer in layers)
 
 
+class DequantizingLinear(nn.Module):
+    """A Linear whose weight is kept as another library's stored tensors and dequantized on every forward
+    (the reference path of SINQ's and bitsandbytes' own PyTorch fallbacks): ``stored`` holds those tensors,
+    ``dequantize`` rebuilds the float weight from them."""
+
+    def __init__(
+        self, stored: dict[str, torch.Tensor], dequantize: Callable[[], torch.Tensor], bias: torch.Tensor | None
+    ) -> None:
+        super().__init__()
+        for name, tensor in stored.items():
+            self.register_buffer(name, tensor)
+        self._dequantize = dequantize
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self._dequantize().to(x.dtype), self.bias)
+
+
+def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, layer)
+
+
+def _sinq_quantize(weight: torch.Tensor, nbits: int, group_size: int) -> tuple[dict[str, torch.Tensor], Callable]:
+    """SINQ-quantize one weight (``method="sinq"``: 8-bit auxiliary scales and zeros, a column scale); its float
+    side tensors are rounded to float16 (how SINQ stores them for float16 models) before anything is counted or
+    dequantized. Returns the stored tensors and a function rebuilding the float32 weight from them."""
+    if os.environ.get("SINQ_PTH_LOADED") == "1":
+        raise RuntimeError(
+            "SINQ's sitecustomize.py patched transformers at interpreter start: run with SINQ_AUTO_PATCH=0 "
+            "(bench_quality.py sets it and restarts itself)"
+        )
+    with _quiet():  # sinq prints a notice about its optional GPU backend on import
+        from sinq.quantizer import Quantizer
+        from sinq.sinqlinear import sinq_base_quant_config
+
+        params = sinq_base_quant_config(nbits, group_size, method="sinq")["weight_quant_params"]
+        w_q, meta = Quantizer.quantize(
+            weight.detach().float(), None, device="cpu", compute_dtype=torch.float32, **params
+        )
+    if meta.get("awq_scale") is not None or not (isinstance(meta["scale"], tuple) and isinstance(meta["zero"], tuple)):
+        raise RuntimeError(f"unexpected SINQ meta layout {sorted(meta)}: cannot count its stored bytes")
+    half = lambda t: t.to(torch.float16)  # noqa: E731
+    (s_q, s_step, s_min, s_shape), (z_q, z_step, z_min, z_shape) = meta["scale"], meta["zero"]
+    stored = {
+        "w_q": w_q,
+        "scale_q": s_q,
+        "scale_step": half(s_step),
+        "scale_min": half(s_min),
+        "zero_q": z_q,
+        "zero_step": half(z_step),
+        "zero_min": half(z_min),
+        "column_scale": half(meta["scale2"]),
+    }
+
+    def dequantize() -> torch.Tensor:
+        m = dict(meta)
+        m["scale"] = (stored["scale_q"], stored["scale_step"].float(), stored["scale_min"].float(), s_shape)
+        m["zero"] = (stored["zero_q"], stored["zero_step"].float(), stored["zero_min"].float(), z_shape)
+        m["scale2"] = stored["column_scale"].float()
+        return Quantizer.dequantize(stored["w_q"], m)
+
+    return stored, dequantize
+
+
+def _nf4_quantize(weight: torch.Tensor, blocksize: int) -> tuple[dict[str, torch.Tensor], Callable]:
+    """bitsandbytes NF4 with double quantization (``compress_statistics=True``) of one weight. Returns the stored
+    per-layer tensors (codes, absmax codes, the float32 absmax of every 256 blocks, the float32 offset) and a
+    function rebuilding the float32 weight. Left out of ``stored``: the two fixed code tables (16 and 256 float32
+    values, the same for every layer; bitsandbytes' checkpoints repeat them per layer, 1,088 bytes)."""
+    import bitsandbytes.functional as bnb_f
+
+    codes, state = bnb_f.quantize_4bit(
+        weight.detach().float(), blocksize=blocksize, quant_type="nf4", compress_statistics=True
+    )
+    if not state.nested or state.state2 is None:
+        raise RuntimeError("bitsandbytes returned no nested statistics for compress_statistics=True")
+    stored = {
+        "codes": codes,
+        "absmax_q": state.absmax,
+        "absmax_absmax": state.state2.absmax,
+        "absmax_offset": state.offset.reshape(1),
+    }
+    return stored, lambda: bnb_f.dequantize_4bit(stored["codes"], state)
+
+
+def _apply_anchor(method: Method, model: nn.Module) -> tuple[float, float, int]:
+    """Replace every quantized ``nn.Linear`` by a :class:`DequantizingLinear` holding SINQ's or bitsandbytes
+    NF4's stored tensors; returns (seconds, bits/weight, model bytes). Bits count every per-layer stored tensor."""
+    quantize = {
+        "sinq": lambda w: _sinq_quantize(w, method.bits, method.group_size),
+        "nf4": lambda w: _nf4_quantize(w, method.group_size),
+    }[method.kind]
+    targets = list(_quantized_layers(model).items())
+    weights = sum(m.weight.numel() for _, m in targets)
+    stored_bytes = 0
+    start = time.perf_counter()
+    for name, linear in targets:
+        stored, dequantize = quantize(linear.weight)
+        stored_bytes += sum(_tensor_bytes(t) for t in stored.values())
+        _replace(model, name, DequantizingLinear(stored, dequantize, linear.bias))
+    seconds = time.perf_counter() - start
+    return seconds, 8 * stored_bytes / weights, _model_bytes(model)
+
+
+def _missing_library(kind: str) -> str | None:
+    """Why an anchor kind's optional library cannot be imported (None: it can, or the kind needs none)."""
+    if kind not in ANCHOR_LIBRARIES:
+        return None
+    module, requirement = ANCHOR_LIBRARIES[kind]
+    try:
+        with _quiet():
+            __import__(module)
+    except ImportError as exc:
+        return f"{module} is not installed ({exc}): pip install '{requirement}' (see scripts/install_anchors.sh)"
+    return None
+
+
 def apply_method(method: Method, load: Callable[[], nn.Module], workdir: Path) -> Applied:
     """Load a fresh float model with ``load`` and quantize it by ``method`` (timing the quantization only)."""
     model = load()
@@ -465,6 +683,10 @@ def apply_method(method: Method, load: Callable[[], nn.Module], workdir: Path) -
     if method.kind == "hqq":
         seconds, bits, size = _apply_hqq(method, model)
         return Applied(model, bits, seconds, size, "in memory", hqq_expected_bits(method.bits, method.group_size))
+    if method.kind in ANCHOR_LIBRARIES:
+        seconds, bits, size = _apply_anchor(method, model)
+        nominal = nf4_expected_bits(method.group_size) if method.kind == "nf4" else None
+        return Applied(model, bits, seconds, size, "in memory", nominal)
     kept = _kept(model)
     weights = sum(m.weight.numel() for m in _quantized_layers(model).values())
     start = time.perf_counter()

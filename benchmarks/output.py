@@ -42,6 +42,8 @@ _PACKAGES = (
     "transformers",
     "optimum-quanto",
     "hqq",
+    "sinq",
+    "bitsandbytes",
     "scikit-learn",
     "numpy",
     "safetensors",
@@ -114,8 +116,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "bits/weight: stored bits of the quantized layers (codes, cluster ids, scales, offsets or shifts) per "
         "original weight, over the same layers for every method (task head and tied embeddings stay float). "
-        "size: the saved safetensors checkpoint, or the in-memory size for optimum-quanto and HQQ (not serializable "
-        "through transformers). quantize s: quantization of an already loaded float model. forward: CPU time of "
+        "size: the saved safetensors checkpoint, or the in-memory size for optimum-quanto, HQQ, SINQ and "
+        "bitsandbytes NF4 (not saved through this benchmark). quantize s: quantization of an already loaded float model. forward: CPU time of "
         "one fixed batch relative to FP32, min of interleaved runs in the same process.",
     ]
     for task in result["tasks"]:
