@@ -34,7 +34,7 @@ from .. import kernels
 from ..checkpoint.format import BIAS, OFFSET, PACKED, RANGE_CODES, RANGE_STEPS, SCALE, layer_tensors, stored_tensors
 from ..core.packing import unpack_rows
 from ..core.quantize import QuantizedWeight, dequantize_weight, quantize_weight
-from ..core.ranges import decode_ranges, unpack_range_codes
+from ..core.ranges import decode_layer_ranges
 from ..core.spec import QuantSpec
 from ..kernels import triton_ops
 
@@ -162,12 +162,10 @@ class SplitQuantModule(nn.Module):
         """Rebuild ``weight_scale`` / ``weight_offset`` from the stored range codes (no-op unless coded)."""
         if not self.coded or self.weight_range_codes.is_meta or self.weight_range_steps.is_meta:
             return
-        shape = (self.out_features, self.spec.num_groups(self.in_features), self.spec.num_clusters)
-        coded = unpack_range_codes(self.weight_range_codes, self.weight_range_steps, shape[0] * shape[1], self.spec)
-        # Decoded as stored (rounded to spec.scale_dtype), then held in the steps' dtype where the model was
-        # cast: the same values as cast float ranges.
-        scale, offset = (t.to(coded.steps.dtype).view(shape) for t in decode_ranges(coded, self.spec))
-        self._set_decoded(scale, offset)
+        groups = self.spec.num_groups(self.in_features)
+        self._set_decoded(
+            *decode_layer_ranges(self.weight_range_codes, self.weight_range_steps, self.out_features, groups, self.spec)
+        )
 
     def _set_decoded(self, scale: torch.Tensor, offset: torch.Tensor) -> None:
         self.register_buffer(SCALE, scale, persistent=False)
