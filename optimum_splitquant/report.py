@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from .checkpoint.format import LAYER_TENSORS
-from .nn.compact import QuantizationError, SplitQuantModule
+from .nn.compact import SplitQuantModule
+from .nn.quality import QuantizationError
 
 __all__ = [
     "SQNR_FLOOR_DB",

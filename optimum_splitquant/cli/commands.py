@@ -10,7 +10,7 @@
 ``quantize`` takes exactly one of ``--budget`` and ``--bits`` (argparse names both when neither or
 both are given). ``--budget B`` starts from ``SplitQuantConfig.for_budget(B)``, the best measured
 configuration within ``B`` stored bits per weight; the other settings given (``--num-clusters``,
-``--group-size``, ``--clustering``, ``--fit``, ``--range-bits``, ``--range-block``) override its
+``--group-size``, ``--clustering``, ``--fit``, ``--range-bits``, ``--range-block``, ``--column-scales``) override its
 fields, and the result must still fit in ``B``. ``--bits N`` takes those settings as given, and
 ``SplitQuantConfig``'s defaults for the others.
 
@@ -52,20 +52,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parser(prog: str = "optimum-splitquant") -> argparse.ArgumentParser:
-    """The command line: ``quantize``, ``evaluate`` and ``demo`` (the default), named ``prog`` in messages."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logs, tracebacks"
-    )
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="SplitQuant (arXiv 2501.12428) low-bit weight quantization for transformers models. "
-        "With no command: build (once) a real SMS spam classifier and compare it at 2 bits.",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs, tracebacks")
-    sub = parser.add_subparsers(dest="command", metavar="{quantize,evaluate,demo}")
-
+def _add_quantize(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """The ``quantize`` command's arguments: the size (``--budget`` or ``--bits``), settings, output, Hub, evaluation."""
     q = sub.add_parser("quantize", parents=[common], help="quantize a model into a SplitQuant folder")
     q.add_argument("model", help="local model folder or Hub id")
     size = q.add_mutually_exclusive_group(required=True)
@@ -98,6 +86,12 @@ def _parser(prog: str = "optimum-splitquant") -> argparse.ArgumentParser:
         type=int,
         help="(row, group) lines sharing one step of the coded ranges (with --range-bits; default 8)",
     )
+    settings.add_argument(
+        "--column-scales",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="store a scale per input column, used where it lowers the error (format 4; default off)",
+    )
     q.add_argument("--task", choices=TASKS, default="auto", help="model head to load (default: from config)")
     q.add_argument("--output", required=True, help="folder to write the quantized model to (new or empty)")
     q.add_argument(
@@ -111,6 +105,23 @@ def _parser(prog: str = "optimum-splitquant") -> argparse.ArgumentParser:
     q.add_argument("--evaluate", action="store_true", help="score it against the float model; results go in the card")
     q.add_argument("--limit", type=int, help="evaluation size (texts, messages or tokens)")
     q.set_defaults(func=cmd_quantize)
+
+
+def _parser(prog: str = "optimum-splitquant") -> argparse.ArgumentParser:
+    """The command line: ``quantize``, ``evaluate`` and ``demo`` (the default), named ``prog`` in messages."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logs, tracebacks"
+    )
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="SplitQuant (arXiv 2501.12428) low-bit weight quantization for transformers models. "
+        "With no command: build (once) a real SMS spam classifier and compare it at 2 bits.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs, tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="{quantize,evaluate,demo}")
+
+    _add_quantize(sub, common)
 
     e = sub.add_parser("evaluate", parents=[common], help="score a model on offline real data")
     e.add_argument("model", help="saved model folder (SplitQuant or float) or Hub id")

@@ -194,7 +194,7 @@ def smollm_path() -> Path:
     """A plain float32 safetensors folder of SmolLM2-135M-Instruct, converted once from the GGUF and cached.
 
     The GGUF weights are 4-bit (Q4_1); the folder holds them dequantized, which is the FP32 baseline.
-    Needs the ``gguf`` package the first time (about 45 s).
+    Needs the ``gguf`` package the first time (the conversion runs once).
     """
     folder = _smollm_dir()
     if (folder / "config.json").is_file():

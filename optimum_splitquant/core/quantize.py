@@ -10,6 +10,10 @@ member weights are quantized with their own asymmetric min-max range to ``bits``
 ``W_hat`` equals the sum of the ``k`` separately quantized branches of the paper (each branch
 holds its cluster's values and exact zeros elsewhere), in one tensor and one matmul.
 
+With ``spec.column_scales`` (and at least :data:`~.spec.COLUMN_SCALE_MIN_ROWS` rows), every input
+column ``j`` is first divided by its own scale ``c[j]`` (:func:`column_scales`) and the quotient is
+quantized as above: ``W_hat = (offset + code * scale) * c``, computed as ``W_hat' (c * x)``.
+
 With ``spec.range_bits`` set, the ranges are stored as codes times per-block steps
 (:mod:`.ranges`): the fitted ranges are coded, then every weight moves to the nearest level of
 the coded ranges.
@@ -22,20 +26,22 @@ every weight is within half a (stored) step of its reconstruction. A cluster wit
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 
+from .fit import fit_best_start, fit_coded, grid_codes, stored_range, zero_ids
 from .kmeans import assign_clusters, kmeans_1d
 from .packing import pack_rows, packed_row_bytes, unpack_rows
-from .ranges import CodedRanges, code_variants, decode_ranges, encode_ranges, pack_range_codes
+from .ranges import CodedRanges, pack_range_codes
 from .spec import QuantSpec
 
 __all__ = [
     "QuantizedWeight",
     "cluster_ids",
+    "column_scales",
     "decode_symbols",
     "dequantize_weight",
     "quantize_weight",
@@ -55,6 +61,8 @@ class QuantizedWeight:
         range_codes: with ``spec.range_bits``, the packed codes of the ranges (``uint8``, 1-D;
             ``scale`` and ``offset`` are then their decoded values), else ``None``.
         range_steps: with ``spec.range_bits``, the steps ``(blocks, 2, num_clusters)``, else ``None``.
+        column_scale: with column scales (:meth:`~.spec.QuantSpec.has_column_scales`), the scale of
+            every input column (``spec.scale_dtype``, ``(in,)``), else ``None``.
     """
 
     packed: torch.Tensor
@@ -63,6 +71,7 @@ class QuantizedWeight:
     in_features: int
     range_codes: torch.Tensor | None = None
     range_steps: torch.Tensor | None = None
+    column_scale: torch.Tensor | None = None
 
 
 def cluster_ids(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -91,6 +100,61 @@ _CHUNK_WEIGHTS = 1 << 20
 def quantize_weight(weight: torch.Tensor, spec: QuantSpec, ids: torch.Tensor | None = None) -> QuantizedWeight:
     """Quantize a 2-D float ``weight`` ``(out, in)``; ``ids`` overrides the clustering when given."""
     w = _checked(weight)
+    if spec.has_column_scales(w.shape[0]):
+        c = column_scales(w, spec)
+        if not _scales_help(w, c, spec, ids):
+            c = torch.ones_like(c)
+        q = _quantize_matrix(w.to(torch.float32) / c.float(), spec, ids)
+        return dataclasses.replace(q, column_scale=c)
+    return _quantize_matrix(w, spec, ids)
+
+
+#: Column scales are kept within this factor of their median (an all-zero column gets 1).
+_COLUMN_SCALE_SPAN = 2.0**10
+
+COLUMN_SCALE_SAMPLE_ROWS = 64
+"""Rows (evenly spaced) on which a layer's weight is quantized with and without its column scales to
+choose; a layer of at most twice as many rows is tried whole."""
+
+
+def _scales_help(w: torch.Tensor, c: torch.Tensor, spec: QuantSpec, ids: torch.Tensor | None) -> bool:
+    """Whether ``w`` quantized divided by its column scales ``c`` is rebuilt with no more squared error
+    than without them, measured on :data:`COLUMN_SCALE_SAMPLE_ROWS` of its rows (with ``scale_dtype``
+    ranges, not coded ones: a third of the time, the same choice on the real models measured).
+
+    Weights that already lie on a per-row grid (a model converted from a 4-bit file) lose that grid when
+    their columns are rescaled; true float weights gain.
+    """
+    out_f, in_f = w.shape
+    if out_f > 2 * COLUMN_SCALE_SAMPLE_ROWS:
+        rows = torch.linspace(0, out_f - 1, COLUMN_SCALE_SAMPLE_ROWS, device=w.device).round().long()
+        w, ids = w[rows], None if ids is None else ids[rows]
+    w = w.to(torch.float32)
+    trial = dataclasses.replace(spec, range_bits=None)  # the ranges' coding changes both sides alike
+    errors = []
+    for scale in (None, c.float()):
+        q = _quantize_matrix(w if scale is None else w / scale, trial, ids)
+        rebuilt = dequantize_weight(q.packed, q.scale, q.offset, in_f, trial, column_scale=scale)
+        errors.append(float((rebuilt - w).double().square().sum()))
+    return errors[1] <= errors[0]
+
+
+def column_scales(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """The scale of every input column of ``weight``: its root mean square over the rows, divided by
+    the median of the nonzero ones, kept within ``2**±10`` and rounded to ``spec.scale_dtype``.
+
+    Dividing the columns by them evens out the columns' magnitudes before the row-wise ranges are fitted.
+    """
+    rms = weight.detach().to(torch.float32).square().mean(0).sqrt_()
+    nonzero = rms > 0
+    if not bool(nonzero.any()):
+        return torch.ones(weight.shape[1], dtype=spec.scale_dtype, device=weight.device)
+    middle = rms[nonzero].median()
+    rel = torch.where(nonzero, rms / middle, 1.0).clamp_(1 / _COLUMN_SCALE_SPAN, _COLUMN_SCALE_SPAN)
+    return rel.to(spec.scale_dtype)
+
+
+def _quantize_matrix(w: torch.Tensor, spec: QuantSpec, ids: torch.Tensor | None) -> QuantizedWeight:
     out_f, in_f = w.shape
     k = spec.num_clusters
     groups = spec.num_groups(in_f)
@@ -119,7 +183,7 @@ def quantize_weight(weight: torch.Tensor, spec: QuantSpec, ids: torch.Tensor | N
         if ids is not None:
             idc = ids[r0 : r0 + step]
         elif k == 1:  # one cluster: every id is 0 (a view, no memory)
-            idc = _zero_ids(wc)
+            idc = zero_ids(wc)
         else:
             idc = assign_clusters(wc, bounds if bounds.shape[0] == 1 else bounds[r0 : r0 + step])
         parts.append(_quantize_rows(wc, idc, spec, groups))
@@ -159,224 +223,18 @@ def _quantize_rows(w: torch.Tensor, ids: torch.Tensor, spec: QuantSpec, groups: 
         hi.masked_fill_(empty, 0.0)
     coded = None
     if spec.fit == "mse":
-        idg, codes, offset, scale = _fit_best_start(wg, idg, lo, hi, spec)
+        idg, codes, offset, scale = fit_best_start(wg, idg, lo, hi, spec)
         if spec.range_bits is not None:
-            idg, codes, offset, scale, coded = _fit_coded(wg, offset, scale, spec)
+            idg, codes, offset, scale, coded = fit_coded(wg, offset, scale, spec)
     else:
-        offset, scale = _stored_range(lo, hi, spec)
-        codes = _codes(wg, offset.float().gather(1, idg), scale.float().gather(1, idg), spec)
+        offset, scale = stored_range(lo, hi, spec)
+        codes = grid_codes(wg, offset.float().gather(1, idg), scale.float().gather(1, idg), spec)
     offset, scale = offset.view(out_f, groups, k), scale.view(out_f, groups, k)
     symbols = codes.to(torch.int32)
     if k > 1:
         symbols.bitwise_or_(idg.to(torch.int32) << spec.bits)
     packed = pack_rows(symbols.reshape(out_f, in_f), spec.symbol_width)
     return (packed, scale, offset) if coded is None else (packed, scale, offset, coded)
-
-
-def _codes(w: torch.Tensor, off: torch.Tensor, scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Nearest code of every weight on the grid ``off + code * scale`` (``off``/``scale`` broadcast to ``w``)."""
-    positive = scale > 0
-    steps = torch.where(positive, (w - off) / torch.where(positive, scale, 1.0), 0.0)
-    return steps.round_().clamp_(0, spec.levels - 1)
-
-
-FIT_ITERATIONS = 6
-"""Refit / reassign rounds of ``fit="mse"``: each round lowers (or keeps) the squared error."""
-
-FIT_STARTS: tuple[tuple[float, int], ...] = ((1.0, 0), (1.0, 1), (0.9, 0), (0.8, 0))
-"""Starting grids of ``fit="mse"``, as ``(kept, spare)``: each slot's min-max range shrunk to the share
-``kept`` around its middle, spread over ``levels - 1 - spare`` steps (``spare`` codes past the top).
-Each start is refitted for :data:`FIT_TRIAL_ITERATIONS` rounds; every (row, group) keeps the start
-with the least squared error and refits it for the rest of :data:`FIT_ITERATIONS`."""
-
-FIT_TRIAL_ITERATIONS = 2
-"""Rounds each start of :data:`FIT_STARTS` gets before the best one per (row, group) is kept."""
-
-
-def _fit_best_start(
-    w: torch.Tensor, ids: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(ids, codes, offset, scale)`` of the best :data:`FIT_STARTS` fit of each line of ``w``.
-
-    ``lo`` / ``hi`` are each (line, cluster) slot's member minimum and maximum (0 for empty slots).
-    """
-    trial = min(FIT_TRIAL_ITERATIONS, FIT_ITERATIONS)
-    if w.device.type == "cpu":
-        from .. import kernels  # optional compiled ops (a leaf: torch only)
-
-        starts = None
-        kept, spare = (list(t) for t in zip(*FIT_STARTS, strict=True))
-        with contextlib.suppress(RuntimeError):  # a range past the storage dtype: _start_ranges names it
-            starts = kernels.start_ranges(lo, hi, kept, spare, spec.bits, spec.scale_dtype)
-        offsets, scales = starts if starts is not None else _start_ranges(lo, hi, spec)
-        try:
-            fitted = kernels.fit_mse_starts(w, ids, offsets, scales, spec.bits, trial, FIT_ITERATIONS)
-        except RuntimeError as exc:  # the only failure of valid inputs: a range past the storage dtype
-            raise ValueError(_overflow_message(spec)) from exc
-        if fitted is not None:
-            return fitted
-    else:
-        offsets, scales = _start_ranges(lo, hi, spec)
-    best = best_err = None
-    for offset, scale in zip(offsets, scales, strict=True):
-        codes = _codes(w, offset.float().gather(1, ids), scale.float().gather(1, ids), spec)
-        fit = _fit_mse(w, ids, codes, offset, scale, spec, trial)
-        f_ids, f_codes, f_off, f_scale = fit
-        rebuilt = f_off.float().gather(1, f_ids) + f_codes * f_scale.float().gather(1, f_ids)
-        # Summed over lanes as the compiled kernel sums: the same choice on both paths.
-        err = _lane_sums((w - rebuilt).double().square_())
-        if best is None:
-            best, best_err = list(fit), err
-            continue
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = [torch.where(better, new, old) for new, old in zip(fit, best, strict=True)]
-    return _fit_mse(w, *best, spec, FIT_ITERATIONS - trial)
-
-
-def _start_ranges(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(offsets, scales)`` ``(starts, lines, k)`` of every :data:`FIT_STARTS` grid of each slot ``[lo, hi]``."""
-    mid = (lo + hi) / 2
-    kept, spare = (torch.tensor(t, device=lo.device).view(-1, 1, 1) for t in zip(*FIT_STARTS, strict=True))
-    try:
-        return _stored_range(mid + (lo - mid) * kept, mid + (hi - mid) * kept, spec, spare)
-    except ValueError:  # named by the members' range (a shrunk start past float32 is NaN)
-        raise _range_error(lo, hi, spec) from None
-
-
-def _fit_mse(
-    w: torch.Tensor,
-    ids: torch.Tensor,
-    codes: torch.Tensor,
-    offset: torch.Tensor,
-    scale: torch.Tensor,
-    spec: QuantSpec,
-    iterations: int = FIT_ITERATIONS,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Least-squares ranges for ``lines`` of weights ``w`` (one line per (row, group)), from the given ones.
-
-    Each (line, cluster) holds the levels ``offset + code * scale``. A round refits every slot's
-    offset and scale to its members by least squares (the squared error cannot grow), rounds them
-    to ``spec.scale_dtype``, then moves every weight to the nearest of its line's ``k * 2**bits``
-    levels, in any cluster (nor can it grow there). A slot left without members keeps its range.
-    Returns ``(ids, codes, offset, scale)``; the codes are the nearest ones under the stored ranges.
-    """
-    lines, k = offset.shape
-    # Every (line, cluster) sum is split over SUM_LANES running sums, element i in lane i % SUM_LANES.
-    lane = torch.arange(w.shape[1], device=w.device) % SUM_LANES
-    line_base = torch.arange(lines, device=w.device).unsqueeze(1) * k
-    wd = w.to(torch.float64).view(-1)
-    for _ in range(iterations):
-        slot = ((ids + line_base) * SUM_LANES + lane).view(-1)
-        c = codes.to(torch.float64).view(-1)
-        n, sc, sw, scc, scw = (
-            _add_lanes(torch.bincount(slot, weights=x, minlength=lines * k * SUM_LANES).to(torch.float64)).view(
-                lines, k
-            )
-            for x in (None, c, wd, c * c, c * wd)
-        )
-        var = n * scc - sc * sc
-        new_scale = torch.where(var > 0, (n * scw - sc * sw) / torch.where(var > 0, var, 1.0), scale.double())
-        new_scale = torch.where(new_scale > 0, new_scale, 0.0)
-        new_offset = torch.where(n > 0, (sw - new_scale * sc) / n.clamp(min=1.0), offset.double())
-        # Through float32, as the compiled kernel rounds: the same bits on both paths.
-        offset, scale = new_offset.float().to(spec.scale_dtype), new_scale.float().to(spec.scale_dtype)
-        if not (bool(torch.isfinite(offset).all()) and bool(torch.isfinite(scale).all())):
-            raise ValueError(_overflow_message(spec))
-        ids, codes = _nearest_levels(w, offset.float(), scale.float(), spec)
-    return ids, codes, offset, scale
-
-
-SUM_LANES = 8
-"""Running sums per total in the fit's double sums (element ``i`` of a line in lane ``i % SUM_LANES``), added
-pairwise, ``((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))``: the compiled kernel's independent chains,
-the same bits here."""
-
-
-def _add_lanes(sums: torch.Tensor) -> torch.Tensor:
-    """Totals of lane sums laid out last, ``SUM_LANES`` per total, added pairwise."""
-    a = sums.view(-1, SUM_LANES)
-    while a.shape[1] > 1:
-        a = a[:, 0::2] + a[:, 1::2]
-    return a[:, 0]
-
-
-def _lane_sums(x: torch.Tensor) -> torch.Tensor:
-    """``(lines, 1)`` totals of the rows of ``x`` (float64), each summed in element order over the lanes."""
-    lines, g = x.shape
-    padded = torch.nn.functional.pad(x, (0, -g % SUM_LANES))  # + 0.0 leaves a sum of squares unchanged
-    per_lane = padded.view(lines, -1, SUM_LANES).cumsum(1)[:, -1]  # a running sum per lane
-    return _add_lanes(per_lane).view(lines, 1)
-
-
-def _fit_coded(
-    w: torch.Tensor, offset: torch.Tensor, scale: torch.Tensor, spec: QuantSpec
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, CodedRanges]:
-    """``(ids, codes, offset, scale, coded)`` of lines ``w`` on the coded form of fitted ranges.
-
-    The lines are whole blocks of ``spec.range_block`` (but for the weight's last chunk). In format 3
-    each line keeps the one of its nearest range codes and their :func:`~.ranges.code_variants` whose
-    levels give it the least squared error; then every weight moves to the nearest level of the
-    decoded ranges. (A least-squares refit of the coded ranges and a second reassignment gained
-    under 0.02 dB of SQNR on Gaussian weights at twice the time, so there is none.)
-    """
-    coded = encode_ranges(scale, offset, spec)
-    if spec.signed_offsets:
-        candidates = [coded, *code_variants(coded, spec)]
-        errors = torch.cat([_line_error(w, *decode_ranges(c, spec), spec) for c in candidates], 1)
-        best = errors.argmin(1, keepdim=True)  # the first of equal errors: the nearest codes first
-        pick = lambda name: torch.stack([getattr(c, name) for c in candidates], 1).gather(  # noqa: E731
-            1, best.unsqueeze(2).expand(-1, 1, coded.scale_codes.shape[1])
-        )[:, 0]
-        coded = CodedRanges(pick("scale_codes"), pick("offset_codes"), coded.steps)
-    scale, offset = decode_ranges(coded, spec)
-    ids, codes = _nearest_levels(w, offset.float(), scale.float(), spec)
-    return ids, codes, offset, scale, coded
-
-
-def _line_error(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """``(lines, 1)`` squared error of each line of ``w`` on the nearest levels of ranges ``scale`` / ``offset``."""
-    scale, offset = scale.float(), offset.float()
-    ids, codes = _nearest_levels(w, offset, scale, spec)
-    if spec.num_clusters > 1:
-        scale, offset = scale.gather(1, ids), offset.gather(1, ids)
-    return (w - offset).sub_(codes * scale).square_().sum(1, keepdim=True)
-
-
-def _overflow_message(spec: QuantSpec) -> str:
-    return f"the fitted ranges do not fit scale_dtype {spec.scale_dtype}; {spec.overflow_advice()}"
-
-
-def _nearest_levels(
-    w: torch.Tensor, offset: torch.Tensor, scale: torch.Tensor, spec: QuantSpec
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ids, codes)`` of the level nearest to each weight among its line's clusters (lowest id on ties)."""
-    if w.device.type == "cpu":
-        from .. import kernels
-
-        found = kernels.nearest_levels(w, offset, scale, spec.bits)
-        if found is not None:
-            return found
-    if spec.num_clusters == 1:
-        return _zero_ids(w), _codes(w, offset, scale, spec)
-    best_err = best_ids = best_codes = None
-    for j in range(spec.num_clusters):
-        off_j, scale_j = offset[:, j : j + 1], scale[:, j : j + 1]
-        code = _codes(w, off_j, scale_j, spec)
-        err = (w - (off_j + code * scale_j)).abs_()
-        if best_err is None:
-            best_err, best_ids, best_codes = err, torch.zeros_like(w, dtype=torch.int64), code
-            continue
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_ids = best_ids.masked_fill(better, j)
-        best_codes = torch.where(better, code, best_codes)
-    return best_ids, best_codes
-
-
-def _zero_ids(w: torch.Tensor) -> torch.Tensor:
-    """Cluster ids of a one-cluster fit: 0 for every weight of ``w``, as an expanded (read-only) view."""
-    return torch.zeros((), dtype=torch.int64, device=w.device).expand(w.shape)
 
 
 def decode_symbols(packed: torch.Tensor, in_features: int, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -392,8 +250,9 @@ def dequantize_weight(
     in_features: int,
     spec: QuantSpec,
     dtype: torch.dtype = torch.float32,
+    column_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Rebuild the ``(out, in_features)`` float weight from its compact tensors."""
+    """Rebuild the ``(out, in_features)`` float weight from its compact tensors (times ``column_scale``)."""
     out_f = packed.shape[0]
     groups = scale.shape[1]
     sym = unpack_rows(packed, spec.symbol_width, in_features)
@@ -403,13 +262,17 @@ def dequantize_weight(
         spec.levels, dtype=torch.float32, device=packed.device
     )
     table = table.reshape(out_f, groups, spec.num_clusters * spec.levels)
-    w = table.gather(-1, sym.view(out_f, groups, -1))
-    return w.reshape(out_f, in_features).to(dtype)
+    w = table.gather(-1, sym.view(out_f, groups, -1)).reshape(out_f, in_features)
+    if column_scale is not None:
+        w = w * column_scale.float()
+    return w.to(dtype)
 
 
 def split_branches(qweight: QuantizedWeight, spec: QuantSpec, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     """The ``num_clusters`` dense branches of the paper: branch ``j`` keeps cluster ``j``'s values, zeros elsewhere."""
-    w = dequantize_weight(qweight.packed, qweight.scale, qweight.offset, qweight.in_features, spec, dtype)
+    w = dequantize_weight(
+        qweight.packed, qweight.scale, qweight.offset, qweight.in_features, spec, dtype, qweight.column_scale
+    )
     ids, _ = decode_symbols(qweight.packed, qweight.in_features, spec)
     return [torch.where(ids == j, w, torch.zeros((), dtype=dtype)) for j in range(spec.num_clusters)]
 
@@ -432,32 +295,3 @@ def _checked(weight: torch.Tensor) -> torch.Tensor:
                 "SplitQuant quantizes in; scale the weight down before quantizing"
             )
     return weight.detach()
-
-
-def _stored_range(
-    lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, spare: int | torch.Tensor = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Offset rounded down and scale rounded up to ``spec.scale_dtype`` so the grid covers ``[lo, hi]``.
-
-    ``spare`` top codes are left past ``hi`` (the range spans ``levels - 1 - spare`` steps); a tensor of
-    spares broadcasts against ``lo`` and ``hi``.
-    """
-    dt = spec.scale_dtype
-    offset = lo.to(dt)
-    too_high = offset.float() > lo
-    offset = torch.where(too_high, torch.nextafter(offset, torch.full_like(offset, -torch.inf)), offset)
-    steps = spec.levels - 1 - spare
-    exact = (hi - offset.float()) / (steps.clamp(min=1).float() if torch.is_tensor(steps) else max(steps, 1))
-    scale = exact.to(dt)
-    too_low = scale.float() < exact
-    scale = torch.where(too_low, torch.nextafter(scale, torch.full_like(scale, torch.inf)), scale)
-    if not (bool(torch.isfinite(offset).all()) and bool(torch.isfinite(scale).all())):
-        raise _range_error(lo, hi, spec)
-    return offset, scale
-
-
-def _range_error(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> ValueError:
-    return ValueError(
-        f"weight range [{float(lo.min()):.4g}, {float(hi.max()):.4g}] does not fit scale_dtype {spec.scale_dtype}; "
-        f"{spec.overflow_advice()}"
-    )

@@ -183,13 +183,34 @@ def unpack_range_codes(packed: torch.Tensor, steps: torch.Tensor, lines: int, sp
 
 
 def decode_layer_ranges(
-    codes: torch.Tensor, steps: torch.Tensor, rows: int, groups: int, spec: QuantSpec
+    codes: torch.Tensor,
+    steps: torch.Tensor,
+    rows: int,
+    groups: int,
+    spec: QuantSpec,
+    *,
+    compiled: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scale, offset)`` ``(rows, groups, num_clusters)`` of one layer's stored range codes and steps.
 
     Decoded as stored (products rounded to ``spec.scale_dtype``), then held in the steps' dtype where a
     model was cast: the same values a cast of float ranges gives (an fp32 cast changes nothing).
+    ``compiled`` picks the compiled CPU op ``decode_ranges`` (:mod:`optimum_splitquant.kernels`: one pass,
+    the same bits) or the pure-torch unpack and decode; ``None`` decides now (CPU tensors and
+    :func:`optimum_splitquant.kernels.available`). A layer passes the choice it made once.
     """
-    coded = unpack_range_codes(codes, steps, rows * groups, spec)
+    lines = rows * groups
+    if compiled is None:
+        from .. import kernels  # optional compiled ops (a leaf: torch only)
+
+        compiled = codes.device.type == "cpu" and steps.device.type == "cpu" and kernels.available()
+    if compiled:
+        from .. import kernels
+
+        decoded = kernels.decode_ranges(
+            codes, steps, lines, spec.range_bits, spec.range_block, spec.signed_offsets, spec.scale_dtype
+        )
+    else:
+        decoded = decode_ranges(unpack_range_codes(codes, steps, lines, spec), spec)
     shape = (rows, groups, spec.num_clusters)
-    return tuple(t.to(steps.dtype).view(shape) for t in decode_ranges(coded, spec))  # type: ignore[return-value]
+    return tuple(t.to(steps.dtype).view(shape) for t in decoded)  # type: ignore[return-value]

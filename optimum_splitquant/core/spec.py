@@ -11,6 +11,7 @@ import torch
 
 __all__ = [
     "CLUSTERINGS",
+    "COLUMN_SCALE_MIN_ROWS",
     "MAX_CLUSTERS",
     "MAX_RANGE_BLOCK",
     "RANGE_BITS",
@@ -29,6 +30,9 @@ FITS = ("minmax", "mse")
 RANGE_BITS = (4, 5, 6, 7, 8)
 MAX_RANGE_BLOCK = 1 << 16
 """Largest ``range_block``: a block longer than a layer's lines is one block of all of them."""
+COLUMN_SCALE_MIN_ROWS = 32
+"""Layers of fewer rows store no column scales (one scale per input column would cost over half a bit
+per weight there)."""
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -82,6 +86,10 @@ class QuantSpec:
         signed_offsets: how coded offsets are read (:mod:`.ranges`): ``True`` (format 3) as signed codes
             around a zero code times a non-negative step, ``False`` (format 2, read for old checkpoints)
             as unsigned codes times a signed step.
+        column_scales: ``True`` divides each input column of a weight by its own ``scale_dtype`` scale
+            (its root mean square, relative to the geometric mean of all of them) before quantizing
+            and stores the scales (format 4): ``W ~ W_hat * c``, computed as ``W_hat (c * x)``. Layers
+            of fewer than :data:`COLUMN_SCALE_MIN_ROWS` rows store none (:meth:`has_column_scales`).
     """
 
     bits: int
@@ -93,6 +101,7 @@ class QuantSpec:
     range_bits: int | None = None
     range_block: int = 8
     signed_offsets: bool = True
+    column_scales: bool = False
 
     def __post_init__(self) -> None:
         # The one validation of the settings (SplitQuantConfig delegates here): TypeError for a value of the
@@ -117,6 +126,8 @@ class QuantSpec:
         check_range_block(self.range_block, not_int=TypeError)
         if not isinstance(self.signed_offsets, bool):
             raise TypeError(f"signed_offsets must be a bool, got {self.signed_offsets!r}")
+        if not isinstance(self.column_scales, bool):
+            raise TypeError(f"column_scales must be True or False, got {self.column_scales!r}")
 
     @property
     def levels(self) -> int:
@@ -133,18 +144,27 @@ class QuantSpec:
         """Packed bits per weight: cluster id and code together."""
         return self.bits + self.id_bits
 
-    def bits_per_weight(self, in_features: int) -> float:
+    def has_column_scales(self, out_features: int) -> bool:
+        """Whether a layer of ``out_features`` rows stores column scales under this spec."""
+        return self.column_scales and out_features >= COLUMN_SCALE_MIN_ROWS
+
+    def bits_per_weight(self, in_features: int, out_features: int | None = None) -> float:
         """Effective stored bits per weight of a layer with rows of ``in_features`` weights.
 
         Codes and cluster ids (:attr:`symbol_width`, rows padded to 8 symbols) plus a scale and an
         offset per (row, group, cluster) in :attr:`scale_dtype`, or with :attr:`range_bits` two codes
         per (row, group, cluster) and two steps per (block, cluster) (counted per line, as on a tall
-        matrix: the code stream's padding and a short last block add a few bits per layer).
+        matrix: the code stream's padding and a short last block add a few bits per layer), plus with
+        :attr:`column_scales` one scale per input column shared by the ``out_features`` rows
+        (``None``: a square layer).
         """
         padded = -(-in_features // 8) * 8
         float_bits = torch.finfo(self.scale_dtype).bits
         per_range = float_bits if self.range_bits is None else self.range_bits + float_bits / self.range_block
         side = 2 * self.num_clusters * self.num_groups(in_features) * per_range
+        rows = in_features if out_features is None else out_features
+        if self.has_column_scales(rows):
+            side += float_bits * in_features / rows
         return (padded * self.symbol_width + side) / in_features
 
     def overflow_advice(self) -> str:

@@ -153,14 +153,7 @@ def quantize_onnx(
         op_types: operator types to quantize. The default (MatMul, Gemm, Conv) leaves softmax,
             layer norm and the attention mask addition in float, as is usual for transformers.
     """
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_dynamic,
-        quantize_static,
-    )
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     dst = Path(dst)
     if mode == "dynamic":
@@ -174,26 +167,44 @@ def quantize_onnx(
     elif mode == "static":
         if calibration is None:
             raise ValueError("static quantization needs calibration feeds (an iterable of {input name: array})")
-
-        class _Reader(CalibrationDataReader):
-            def __init__(self, feeds: Iterable[Mapping[str, Any]]) -> None:
-                self._it = iter([onnx_feeds(f) for f in feeds])
-
-            def get_next(self) -> dict[str, np.ndarray] | None:
-                return next(self._it, None)
-
-        quantize_static(
-            str(src),
-            str(dst),
-            _Reader(calibration),
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(op_types),
-            per_channel=per_channel,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-        )
+        _quantize_static(src, dst, calibration, per_channel, op_types)
     else:
         raise ValueError(f"mode must be 'dynamic' or 'static', got {mode!r}")
     logger.info("ONNX Runtime %s INT8 (%s) wrote %s", mode, "per-channel" if per_channel else "per-tensor", dst)
     return dst
+
+
+def _quantize_static(
+    src: str | os.PathLike,
+    dst: Path,
+    calibration: Iterable[Mapping[str, Any]],
+    per_channel: bool,
+    op_types: Sequence[str],
+) -> None:
+    """ONNX Runtime's ``quantize_static`` in QDQ format: MinMax-calibrated UINT8 activations, INT8 weights."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self, feeds: Iterable[Mapping[str, Any]]) -> None:
+            self._it = iter([onnx_feeds(f) for f in feeds])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._it, None)
+
+    quantize_static(
+        str(src),
+        str(dst),
+        _Reader(calibration),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=list(op_types),
+        per_channel=per_channel,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+    )

@@ -166,6 +166,15 @@ def split_model(
             raise ValueError(f"{name}: {exc}") from None
         set_submodule(model, name, new)
         report.split[name] = f"{kind.name} ({_resolve_clustering(clustering, kind)})"
+    _report_other_modules(model, report)
+    model.split_report = report
+    for line in report.summary().splitlines():
+        logger.info("SplitQuant split: %s", line)
+    return model
+
+
+def _report_other_modules(model: nn.Module, report: SplitReport) -> None:
+    """Record in ``report.not_split`` every other module holding parameters (not a layer kind that splits)."""
     for name, module in model.named_modules():
         if name in report.split or name in report.not_split or isinstance(module, SplitBranches):
             continue
@@ -173,10 +182,6 @@ def split_model(
             continue  # the branches of a split layer
         if any(p is not None for p in module._parameters.values()):
             report.not_split[name or "<root>"] = f"{type(module).__name__}: not a Linear/Conv1D/Conv2d layer"
-    model.split_report = report
-    for line in report.summary().splitlines():
-        logger.info("SplitQuant split: %s", line)
-    return model
 
 
 def merge_split(model: nn.Module) -> nn.Module:

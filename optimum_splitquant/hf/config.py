@@ -1,4 +1,4 @@
-"""``SplitQuantConfig``: the transformers ``quantization_config`` of SplitQuant (format versions 1 to 3).
+"""``SplitQuantConfig``: the transformers ``quantization_config`` of SplitQuant (format versions 1 to 4).
 
 Written to ``config.json`` under ``quantization_config``; everything needed to read the
 checkpoint back is here or in the tensors themselves, never in code defaults.
@@ -33,31 +33,37 @@ _FIELDS = (
     "fit",
     "range_bits",
     "range_block",
+    "column_scales",
     "modules_to_not_convert",
     "format_version",
     "quant_method",
 )
 
 BUDGET_WIDTH = 512
-"""Row width at which :meth:`SplitQuantConfig.for_budget` counts a configuration's bits per weight:
-narrower rows cost more side data per weight, so layers of at least this many inputs stay within."""
+"""Layer width at which :meth:`SplitQuantConfig.for_budget` counts a configuration's bits per weight:
+narrower rows (and, with column scales, fewer rows) cost more side data per weight, so layers of at
+least this many inputs and outputs stay within."""
 
-# The best SplitQuant configuration measured within each budget of stored bits per weight (MiniLM
-# embedding cosine and SmolLM2-135M perplexity, benchmarks/results/frontier_coded.md), cheapest first.
+# The best SplitQuant configuration measured within each budget of stored bits per weight, cheapest first:
+# uniform codes with coded ranges (16 lines a block) and column scales; at every budget the bits go to
+# smaller groups before wider codes (all-MiniLM-L6-v2 embedding cosine and SmolLM2-135M perplexity,
+# benchmarks/results/frontier_column_scales.md).
+_CODED = {"num_clusters": 1, "fit": "mse", "range_bits": 6, "range_block": 16, "column_scales": True}
 _BUDGET_TABLE: tuple[dict[str, Any], ...] = (
-    {"bits": 3, "num_clusters": 1, "group_size": 32, "fit": "mse", "range_bits": 6},  # 3.5 bits
-    {"bits": 3, "num_clusters": 1, "group_size": 16, "fit": "mse", "range_bits": 6},  # 4.0
-    {"bits": 4, "num_clusters": 1, "group_size": 64, "fit": "mse", "range_bits": 6},  # 4.25
-    {"bits": 4, "num_clusters": 1, "group_size": 32, "fit": "mse", "range_bits": 6},  # 4.5
-    {"bits": 4, "num_clusters": 1, "group_size": 32, "fit": "mse"},  # 5.0
-    {"bits": 5, "num_clusters": 1, "group_size": 32, "fit": "mse"},  # 6.0
+    {"bits": 3, "group_size": 32, **_CODED},  # 3.47 bits on square layers of 512
+    {"bits": 3, "group_size": 16, **_CODED},  # 3.91
+    {"bits": 4, "group_size": 64, **_CODED},  # 4.25
+    {"bits": 4, "group_size": 32, **_CODED},  # 4.47
+    {"bits": 4, "group_size": 16, **_CODED},  # 4.91
+    {"bits": 5, "group_size": 16, **_CODED},  # 5.91
 )
 
 
-def _format_version(value: Any, range_bits: int | None) -> int:
-    """The validated ``format_version``: ``None`` picks 1 without coded ranges, else the newest."""
+def _format_version(value: Any, range_bits: int | None, column_scales: bool) -> int:
+    """The validated ``format_version``: ``None`` picks the oldest that stores the settings."""
+    needed = 4 if column_scales else 1 if range_bits is None else 2  # the oldest format that stores them
     if value is None:
-        return 1 if range_bits is None else FORMAT_VERSION
+        return 4 if column_scales else 1 if range_bits is None else 3
     version = int_field("format_version", value, allowed=f"an integer <= {FORMAT_VERSION}")
     if version > FORMAT_VERSION:
         raise ValueError(
@@ -66,9 +72,9 @@ def _format_version(value: Any, range_bits: int | None) -> int:
         )
     if version < 1:
         raise ValueError(f"format_version must be >= 1, got {version}")
-    needed = 1 if range_bits is None else 2  # the oldest format that stores these settings
     if version < needed:
-        raise ValueError(f"range_bits={range_bits} needs format_version >= {needed}, got {version}")
+        setting = "column_scales=True" if column_scales else f"range_bits={range_bits}"
+        raise ValueError(f"{setting} needs format_version >= {needed}, got {version}")
     return version
 
 
@@ -114,12 +120,16 @@ class SplitQuantConfig(QuantizationConfigMixin):
             smaller groups fit the same budget.
         range_block: (row, group) lines sharing one scale step and one offset step per cluster
             (1 to 65536; a block longer than a layer's lines is one block of all of them).
+        column_scales: ``True`` stores one ``scale_dtype`` scale per input column and quantizes each
+            column divided by it (format 4; layers of fewer than 32 rows store none): columns of very
+            different magnitudes share each row's ranges better, for 16 / rows bits per weight.
         modules_to_not_convert: module names kept in float (a list, tuple or set of strings). ``None`` keeps the task head
             (classifier / lm_head / tied output embeddings) in float; the resolved list is written
             back here when a model is quantized. ``[]`` quantizes every eligible layer.
-        format_version: on-disk format; ``None`` picks 1 without ``range_bits`` and 3 with it (signed
-            offset codes). 2 writes and reads coded ranges as older releases did (unsigned offset
-            codes). This release reads and writes versions 1 to 3.
+        format_version: on-disk format; ``None`` picks the oldest that holds the settings: 1 without
+            ``range_bits`` or ``column_scales``, 3 with coded ranges (signed offset codes), 4 with column
+            scales. 2 writes and reads coded ranges as older releases did (unsigned offset codes). This
+            release reads and writes versions 1 to 4.
     """
 
     def __init__(
@@ -132,6 +142,7 @@ class SplitQuantConfig(QuantizationConfigMixin):
         fit: str = "minmax",
         range_bits: int | None = None,
         range_block: int = 8,
+        column_scales: bool = False,
         modules_to_not_convert: list[str] | None = None,
         format_version: int | None = None,
         quant_method: str = QUANT_METHOD,
@@ -154,19 +165,22 @@ class SplitQuantConfig(QuantizationConfigMixin):
             fit=fit,
             range_bits=range_bits,
             range_block=range_block,
+            column_scales=column_scales,
         )
         self.quant_method = QUANT_METHOD
         self.bits, self.num_clusters, self.group_size, self.clustering = bits, num_clusters, group_size, clustering
         self.scale_dtype, self.fit, self.range_bits, self.range_block = scale_dtype, fit, range_bits, range_block
         self.modules_to_not_convert = _module_names(modules_to_not_convert)
-        self.format_version = _format_version(format_version, range_bits)
+        self.column_scales = column_scales
+        self.format_version = _format_version(format_version, range_bits, column_scales)
 
     @classmethod
     def for_budget(cls, bits_per_weight: float, **overrides: Any) -> SplitQuantConfig:
         """The best configuration measured within ``bits_per_weight`` stored bits per weight.
 
-        Bits count everything stored (codes, cluster ids, scales, offsets) on rows of at least
-        :data:`BUDGET_WIDTH` inputs. ``overrides`` (e.g. ``modules_to_not_convert``) are passed on.
+        Bits count everything stored (codes, cluster ids, scales, offsets, column scales) on layers of
+        at least :data:`BUDGET_WIDTH` inputs and outputs. ``overrides`` (e.g. ``modules_to_not_convert``)
+        are passed on.
         """
         if isinstance(bits_per_weight, bool) or not isinstance(bits_per_weight, (int, float)):
             raise TypeError(f"bits_per_weight must be a number, got {bits_per_weight!r}")
@@ -193,16 +207,20 @@ class SplitQuantConfig(QuantizationConfigMixin):
             range_bits=self.range_bits,
             range_block=self.range_block,
             signed_offsets=self.format_version >= 3,
+            column_scales=self.column_scales,
         )
 
     def storage_settings(self) -> dict[str, Any]:
         """The settings the stored tensors depend on (also written into every safetensors header).
 
-        ``range_bits`` and ``range_block`` appear only when set (format 1 headers have neither).
+        ``range_bits`` and ``range_block`` appear only when set (format 1 headers have neither), and
+        ``column_scales`` only when true (headers before format 4 do not have it).
         """
         names = ("bits", "num_clusters", "group_size", "clustering")
         if self.range_bits is not None:
             names += ("range_bits", "range_block")
+        if self.column_scales:
+            names += ("column_scales",)
         return {name: getattr(self, name) for name in names}
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,50 +1,37 @@
 """The transformers quantizer of SplitQuant, registered as ``quant_method="splitquant"``.
 
-Thin by design: the layer kinds and model walks live in :mod:`optimum_splitquant.layers`, the
-stored format and header checks in :mod:`optimum_splitquant.checkpoint`, the maths in
-:mod:`optimum_splitquant.core`, releasing the float checkpoint's memory in :mod:`.memory`.
+Thin by design: each hook of :class:`SplitQuantHfQuantizer` delegates. The load-time conversion ops
+live in :mod:`.load_ops`, matching a checkpoint's layers to the model in :mod:`.checkpoint_layers`,
+the checks of the loaded layers in :mod:`.loaded`, releasing the float checkpoint's memory in
+:mod:`.memory`; the layer kinds and model walks in :mod:`optimum_splitquant.layers`, the stored
+format and header checks in :mod:`optimum_splitquant.checkpoint`, the maths in
+:mod:`optimum_splitquant.core`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import functools
 import inspect
 import logging
-import re
 import weakref
-from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 from transformers.conversion_mapping import get_model_conversion_mapping
-from transformers.core_model_loading import ConversionOps, WeightConverter
+from transformers.core_model_loading import ConversionOps
 from transformers.quantizers import HfQuantizer
 
-from ..checkpoint.format import (
-    FORMAT_VERSION,
-    PACKED,
-    coded_version,
-    format_version,
-    layer_tensors,
-    stored_tensors,
-)
-from ..checkpoint.headers import (
-    CheckpointIndex,
-    check_consistency,
-    check_scale_dtype,
-    header_metadata,
-    read_checkpoint_index,
-)
-from ..core.spec import SCALE_DTYPES
-from ..layers import dequantize_model, eligible_layers, layer_kind, replace_layers, resolve_modules_to_not_convert
-from ..nn.compact import SplitQuantModule, validate_layers
+from ..checkpoint.format import FORMAT_VERSION, PACKED, coded_version, format_version, stored_tensors
+from ..checkpoint.headers import check_consistency, check_scale_dtype, header_metadata, read_checkpoint_index
+from ..layers import dequantize_model, eligible_layers, replace_layers, resolve_modules_to_not_convert
+from ..nn.compact import SplitQuantModule
 from ..report import log_quality
+from .checkpoint_layers import CheckpointLayers
 from .config import QUANT_METHOD, SplitQuantConfig
-from .key_mapping import checkpoint_key_renamer, module_renamer, outside_base_model
-from .memory import own_float_tensors, release_file_pages, return_freed_heap
+from .key_mapping import checkpoint_key_renamer
+from .load_ops import LayerConverter, LayerTensors, QuantizeOnLoad
+from .loaded import gather_layers, held_scale_dtype, validate_loaded
+from .memory import own_float_tensors
 
 __all__ = ["LayerTensors", "QuantizeOnLoad", "SplitQuantHfQuantizer"]
 
@@ -71,8 +58,7 @@ class SplitQuantHfQuantizer(HfQuantizer):
         self.load_dtype: torch.dtype | None = None
         # SplitQuant layers rebuilt from a checkpoint: name in the checkpoint -> name in the model.
         self.loaded_layers: dict[str, str] = {}
-        self._index: CheckpointIndex | None = None
-        self._pending: list[str] = []  # checkpoint layers not found in the model yet
+        self._checkpoint: CheckpointLayers | None = None  # while a SplitQuant checkpoint loads
         self._loading_model: weakref.ref[torch.nn.Module] | None = None
 
     @property
@@ -125,16 +111,16 @@ class SplitQuantHfQuantizer(HfQuantizer):
             conversions = super().update_weight_conversions(weight_conversions, model)
         else:
             conversions = super().update_weight_conversions(weight_conversions)
-        if self._index is not None and model is not None:
+        if self._checkpoint is not None and model is not None:
             # The conversions now include a `key_mapping` given to from_pretrained (one renaming per
             # entry, beside the model's own): layers whose stored names only it maps into the model are
             # rebuilt here (the model is still on the meta device). Without one, they are the model's own
             # conversions, which rebuilt the layers before loading.
             model_conversions = [c for c in conversions if not LayerTensors.used_by(c)]
             if len(model_conversions) != len(get_model_conversion_mapping(model)):
-                self._rebuild_layers(model, checkpoint_key_renamer(model, model_conversions))
-            if self._pending:
-                raise self._unknown_layers(model, self._pending, module_renamer(checkpoint_key_renamer(model)))
+                self._checkpoint.rebuild(model, checkpoint_key_renamer(model, model_conversions))
+            if self._checkpoint.pending:
+                raise self._checkpoint.unknown_layers(model)
         return conversions
 
     def _process_model_before_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> None:
@@ -142,7 +128,14 @@ class SplitQuantHfQuantizer(HfQuantizer):
         files = kwargs.get("checkpoint_files") or []
         index = read_checkpoint_index(files) if files else None
         if self.pre_quantized and index is not None:
-            names = self._rebuild_from_checkpoint(model, index)
+            check_consistency(
+                index,
+                FORMAT_VERSION,
+                self.quantization_config.storage_settings(),
+                coded_version=coded_version(self.spec),
+            )
+            check_scale_dtype(index, self.quantization_config.scale_dtype, _SCALE_DTYPE_FIELD)
+            names = self._rebuild_from_checkpoint(model, CheckpointLayers(index, self.spec, self.loaded_layers))
         elif self.pre_quantized:  # no files to read (a state dict): the config names the float layers
             kept = set(self.quantization_config.modules_to_not_convert or [])
             names = replace_layers(
@@ -166,16 +159,11 @@ class SplitQuantHfQuantizer(HfQuantizer):
             self.spec.num_clusters,
         )
 
-    def _rebuild_from_checkpoint(self, model: torch.nn.Module, index: CheckpointIndex) -> list[str]:
-        """Check the checkpoint's headers, then rebuild its SplitQuant layers; returns their names in the model."""
-        check_consistency(
-            index, FORMAT_VERSION, self.quantization_config.storage_settings(), coded_version=coded_version(self.spec)
-        )
-        check_scale_dtype(index, self.quantization_config.scale_dtype, _SCALE_DTYPE_FIELD)
-        self._index, self._pending = index, sorted(index.quantized_modules())
+    def _rebuild_from_checkpoint(self, model: torch.nn.Module, checkpoint: CheckpointLayers) -> list[str]:
+        """Rebuild the checkpoint's SplitQuant layers found in ``model``; returns their names in the model."""
+        self._checkpoint = checkpoint
         rename = checkpoint_key_renamer(model)
-        module, layers = module_renamer(rename), eligible_layers(model)
-        outside = outside_base_model(model, self._pending, [s for s in self._pending if module(s) not in layers])
+        outside = checkpoint.skip_outside(model, rename)
         if outside:
             logger.info(
                 "SplitQuant: %d quantized layer(s) of the checkpoint lie outside %s (a task head) and are not "
@@ -184,86 +172,20 @@ class SplitQuantHfQuantizer(HfQuantizer):
                 type(model).__name__,
                 outside[:5],
             )
-            self._pending = [s for s in self._pending if s not in outside]
-        self._rebuild_layers(model, rename)
+        checkpoint.rebuild(model, rename)
         return sorted(self.loaded_layers.values())
 
-    def _rebuild_layers(self, model: torch.nn.Module, rename: Callable[[str], str]) -> None:
-        """Replace the model's layers that the checkpoint stores in SplitQuant form, under the loader's names.
-
-        ``rename`` gives a checkpoint key its name in the model (:func:`checkpoint_key_renamer`). A
-        layer found earlier must keep its name; layers not found stay pending.
-        """
-        module = module_renamer(rename)
-        for stored, name in sorted(self.loaded_layers.items()):
-            if module(stored) != name:
-                raise ValueError(
-                    f"the key mapping of this load renames the SplitQuant layer stored as {stored!r} to "
-                    f"{module(stored)!r}, but it was rebuilt as {name!r} from the model's own key conversions; "
-                    "drop key_mapping, or save the model again under the new names"
-                )
-        layers = eligible_layers(model)
-        found = {s: module(s) for s in self._pending if module(s) in layers}
-        if not found:
-            return
-        index = self._index.renamed(rename)
-        for name in found.values():
-            self._check_layer_tensors(name, layers[name], index)
-        replace_layers(model, self.spec, list(found.values()), float_weight=False)
-        self.loaded_layers.update(found)
-        self._pending = [s for s in self._pending if s not in found]
-
-    @staticmethod
-    def _unknown_layers(model: torch.nn.Module, stored: list[str], module: Callable[[str], str]) -> ValueError:
-        shown = [s if module(s) == s else f"{s} (loads as {module(s)})" for s in stored[:5]]
-        return ValueError(
-            f"checkpoint holds SplitQuant tensors for {shown} which are not Linear/Conv1D/Conv2d layers of "
-            f"{type(model).__name__}; was it saved from another architecture?"
-        )
-
-    def _check_layer_tensors(self, name: str, module: torch.nn.Module, index: CheckpointIndex) -> None:
-        spec = self.spec
-        kind = layer_kind(module)
-        layer = kind.describe(module)
-        rows, width = kind.dims(module)
-        try:
-            expected = layer_tensors(rows, width, spec, bias=module.bias is not None)
-        except ValueError as exc:
-            raise ValueError(f"{name} ({layer}): {exc}") from None
-        settings = f"bits={spec.bits}, num_clusters={spec.num_clusters}, group_size={spec.group_size}"
-        index.check_layer(name, expected, layer, settings)
-
     def _process_model_after_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
-        if self._pending:  # the loader never showed its key conversions: nothing matched these layers
-            raise self._unknown_layers(model, self._pending, module_renamer(checkpoint_key_renamer(model)))
-        self._index = None  # loading is over: later conversion look-ups (adapters) must not re-resolve layers
+        if self._checkpoint is not None and self._checkpoint.pending:
+            # the loader never showed its key conversions: nothing matched these layers
+            raise self._checkpoint.unknown_layers(model)
+        self._checkpoint = None  # loading is over: later conversion look-ups (adapters) must not re-resolve layers
         if self.load_errors:
             details = "; ".join(f"{name}: {msg}" for name, msg in sorted(self.load_errors.items()))
             raise ValueError(f"could not quantize {len(self.load_errors)} layer(s): {details}")
-        loaded: dict[str, SplitQuantModule] = {}
-        offloaded: dict[str, SplitQuantModule] = {}  # stored tensors held by an offload hook (disk or CPU)
-        for name, module in model.named_modules():
-            if not isinstance(module, SplitQuantModule):
-                continue
-            if not module.is_quantized:
-                raise ValueError(
-                    f"{name}.weight was not found in the checkpoint, so layer {name!r} could not be quantized; "
-                    f"add it to SplitQuantConfig(modules_to_not_convert=[...]) to keep it in float"
-                )
-            on_meta = [buf for buf in stored_tensors(module.spec) if getattr(module, buf).is_meta]
-            if on_meta and _offloaded_weights(module) is not None:
-                offloaded[name] = module
-                continue
-            if on_meta:
-                raise ValueError(f"{name}.{on_meta[0]} was not loaded (still on the meta device)")
-            # transformers sets the non-persistent buffers (here the decoded ranges) after loading: rebuild them.
-            module.rebuild_ranges_()
-            loaded[name] = module
+        loaded, offloaded = gather_layers(model)
         if self.pre_quantized:
-            validate_layers(loaded, self.load_dtype)
-            for name, module in offloaded.items():  # one layer in memory at a time
-                with _onloaded(name, module):
-                    validate_layers({name: module}, self.load_dtype)
+            validate_loaded(loaded, offloaded, self.load_dtype)
         else:
             log_quality(model, logger)  # the summary at INFO; a warning below the usable floor
             own_float_tensors(model)  # copies what stays float, so that the float file's map can go
@@ -282,166 +204,7 @@ class SplitQuantHfQuantizer(HfQuantizer):
 
         Runs before ``config.json`` is written, so the config and the tensors always agree.
         """
-        found: dict[torch.dtype, str] = {}
-        for name, module in model.named_modules():
-            if isinstance(module, SplitQuantModule) and module.is_quantized:
-                for buf in stored_tensors(module.spec):  # the scales and offsets, or the range steps
-                    if getattr(module, buf).is_floating_point():
-                        found.setdefault(getattr(module, buf).dtype, name)
-        if not found:
-            return
-        names = {dtype: key for key, dtype in SCALE_DTYPES.items()}
-        if len(found) > 1 or next(iter(found)) not in names:
-            shown = ", ".join(f"{dtype} (e.g. {layer})" for dtype, layer in found.items())
-            raise ValueError(
-                f"cannot save: SplitQuant scales and offsets are held in {shown}; a checkpoint stores them in one "
-                f"of {sorted(SCALE_DTYPES)}: cast the model with model.to(dtype) first"
-            )
-        scale_dtype = names[next(iter(found))]
-        if scale_dtype != self.quantization_config.scale_dtype:
+        scale_dtype = held_scale_dtype(model)
+        if scale_dtype is not None and scale_dtype != self.quantization_config.scale_dtype:
             logger.info("SplitQuant: scales are held in %s (the model was cast); saved as such", scale_dtype)
             self.quantization_config.scale_dtype = scale_dtype
-
-
-def _offloaded_weights(module: torch.nn.Module) -> Mapping[str, torch.Tensor] | None:
-    """The tensors an offload hook holds for ``module`` off the model, by name, or None.
-
-    accelerate's ``AlignDevicesHook`` (``device_map`` with ``"disk"``, or ``"cpu"`` beside an accelerator)
-    leaves the module's tensors on the meta device and reads them from its ``weights_map`` (the offload
-    folder, the checkpoint files, or a CPU state dict) for each forward. Duck-typed: accelerate stays optional.
-    """
-    hook = getattr(module, "_hf_hook", None)
-    for candidate in getattr(hook, "hooks", (hook,)):  # a SequentialHook chains several
-        weights = getattr(candidate, "weights_map", None)
-        if getattr(candidate, "offload", False) and weights is not None:
-            return weights
-    return None
-
-
-@contextlib.contextmanager
-def _onloaded(name: str, module: SplitQuantModule) -> Iterator[None]:
-    """Within the block, ``module`` holds its offloaded stored tensors; afterwards it is as it was.
-
-    Only the stored tensors are read (not the bias); the ranges decoded from coded ones meanwhile are
-    dropped again, so the layer keeps no memory the offload meant to spare.
-    """
-    weights = _offloaded_weights(module)
-    buffers = dict(module._buffers)
-    ranges_from = module.__dict__.get("_ranges_from")
-    try:
-        for buf in stored_tensors(module.spec):
-            if module._buffers[buf].is_meta:
-                try:
-                    module._buffers[buf] = weights[buf]
-                except KeyError:
-                    raise ValueError(
-                        f"{name}.{buf} was not loaded (on the meta device, and not among the offloaded weights)"
-                    ) from None
-        yield
-    finally:
-        module._buffers.clear()
-        module._buffers.update(buffers)
-        if ranges_from is None:
-            module.__dict__.pop("_ranges_from", None)
-        else:
-            module._ranges_from = ranges_from
-
-
-class QuantizeOnLoad(ConversionOps):
-    """Load-time op: quantizes one float weight into its SplitQuant layer and drops the float copy.
-
-    The float weight's pages of the checkpoint's file map and the heap freed by quantizing go back to
-    the OS at once (:mod:`.memory`), so that a load holds one layer's float weight at a time.
-    """
-
-    def __init__(self, hf_quantizer: SplitQuantHfQuantizer) -> None:
-        self.hf_quantizer = hf_quantizer
-
-    def convert(
-        self,
-        input_dict: dict[str, list[torch.Tensor]],
-        model: torch.nn.Module | None = None,
-        full_layer_name: str | None = None,
-        missing_keys: set[str] | None = None,
-        **kwargs: Any,
-    ) -> dict[str, torch.Tensor]:
-        (value,) = next(iter(input_dict.values()))
-        module_name = full_layer_name.rpartition(".")[0]
-        module = model.get_submodule(module_name)
-        try:
-            module.quantize_(value)
-        except (ValueError, TypeError) as exc:
-            # transformers would fold an exception here into a generic RuntimeError; keep the
-            # layer's own message and raise it once loading is done.
-            self.hf_quantizer.load_errors[module_name] = str(exc)
-        release_file_pages(value)
-        return_freed_heap()
-        module._is_hf_initialized = True
-        for buf in module._buffers.values():
-            buf._is_hf_initialized = True
-        if missing_keys is not None:
-            for tensor in ("weight", *stored_tensors(module.spec)):
-                missing_keys.discard(f"{module_name}.{tensor}")
-        return {}
-
-
-class LayerTensors(ConversionOps):
-    """Load-time grouping of one layer's SplitQuant tensors: handed on unchanged, under their own names.
-
-    transformers builds one key transform per checkpoint tensor that no conversion matches (a regex
-    compiled for each); matched by this one conversion, a layer's three tensors cost one. Saving
-    reverses it into the same pass-through.
-    """
-
-    def convert(self, input_dict: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-        return input_dict
-
-    @property
-    def reverse_op(self) -> ConversionOps:
-        return self
-
-    @staticmethod
-    def used_by(conversion: Any) -> bool:
-        return any(isinstance(op, LayerTensors) for op in getattr(conversion, "operations", ()))
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> LayerTensors:
-        return LayerTensors()  # no state
-
-
-class LayerConverter(WeightConverter):
-    """The conversion of :class:`LayerTensors`, cheap to deep-copy.
-
-    transformers deep-copies the matching conversion for every checkpoint key (three per layer) and
-    keeps one copy per layer. A generic ``deepcopy`` walks every attribute (about 40 us each, 24 ms
-    for SmolLM2's 630 tensors); this copies the mutable containers and shares the immutable parts
-    (strings, the compiled pattern).
-    """
-
-    __slots__ = ()
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> LayerConverter:
-        new = object.__new__(type(self))
-        memo[id(self)] = new
-        for name in _slot_names(type(self)):
-            try:
-                value = getattr(self, name)
-            except AttributeError:
-                continue
-            object.__setattr__(new, name, _copied(value, memo))
-        return new
-
-
-@functools.cache
-def _slot_names(cls: type) -> tuple[str, ...]:
-    return tuple(name for klass in cls.__mro__ for name in getattr(klass, "__slots__", ()))
-
-
-def _copied(value: Any, memo: dict[int, Any]) -> Any:
-    """A deep copy of ``value``: immutable values shared, empty containers made anew, the rest deep-copied."""
-    if value is None or isinstance(value, (str, int, float, bool, re.Pattern)):
-        return value
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return list(value)
-    if isinstance(value, defaultdict) and not value:
-        return defaultdict(value.default_factory)
-    return copy.deepcopy(value, memo)

@@ -1,20 +1,31 @@
 """Optional compiled CPU kernels, with the pure-torch path as fallback.
 
-Torch ops, built from ``splitquant_cpu.cpp``, ``kmeans_cpu.cpp``, ``kmeans_dp_cpu.cpp`` and
-``fit_cpu.cpp`` at first use (see :mod:`._build`):
+Torch ops, built from six sources at first use into one library (see :mod:`._build`):
 
-* ``torch.ops.optimum_splitquant.dequantize``: packed rows -> fp32 weight, bit-identical to
-  :func:`optimum_splitquant.core.dequantize_weight`; used before a GEMM for large batches.
-* ``torch.ops.optimum_splitquant.linear``: ``x @ W.T + b`` for fp32 ``x`` of a few tokens, reading
-  the packed bytes directly (per 16 weights: unpack, one table lookup per lane, one FMA per
+* ``splitquant_cpu.cpp``: ``torch.ops.optimum_splitquant.dequantize``: packed rows -> fp32 weight,
+  bit-identical to :func:`optimum_splitquant.core.dequantize_weight`; used before a GEMM for large
+  batches. ``torch.ops.optimum_splitquant.linear``: ``x @ W.T + b`` for fp32 ``x`` of a few tokens,
+  reading the packed bytes directly (per 16 weights: unpack, one table lookup per lane, one FMA per
   token); the same weights as the plain path, summed in another order (fp32, relative error
-  ~1e-6).
-* ``torch.ops.optimum_splitquant.kmeans_binned``: the exact 1-D k-means search of one float32 row
-  (:func:`optimum_splitquant.core.kmeans_1d`'s binned path, ``2 <= k <= 9``); the same cuts and
-  the same bits as the pure-torch search, in plain loops instead of ~1,500 small torch ops.
-* ``torch.ops.optimum_splitquant.kmeans_dp``: the layers of the k-means dynamic programme over
-  sorted rows (:func:`optimum_splitquant.core.kmeans_1d` with many clusters): the same cuts as
-  the pure-torch layers, in plain loops (one row per thread).
+  ~1e-6). ``best_isa``: the instruction set the kernels use on this CPU. The forward passes reach
+  these two through :mod:`optimum_splitquant.nn.compute`, which chooses them once per layer.
+* ``check_cpu.cpp``: ``torch.ops.optimum_splitquant.check_stored``: one pass over several layers'
+  stored ranges and packed bytes, the verdicts of :mod:`optimum_splitquant.nn.validation`
+  (:func:`check_stored`).
+* ``fit_cpu.cpp``: ``fit_mse_starts``, ``start_ranges`` and ``nearest_levels``: the least-squares
+  range fit of ``fit="mse"`` (:func:`fit_mse_starts`, :func:`start_ranges`, :func:`nearest_levels`),
+  the same bits as the pure-torch search.
+* ``ranges_cpu.cpp``: ``torch.ops.optimum_splitquant.decode_ranges``: a layer's coded ranges (formats
+  2 to 4) from their packed codes and steps in one pass (:func:`decode_ranges`), the same bits as
+  :func:`optimum_splitquant.core.ranges.decode_layer_ranges`' pure-torch unpack and decode, which
+  uses it on every forward pass of a layer that holds only its stored bits.
+* ``kmeans_cpu.cpp``: ``torch.ops.optimum_splitquant.kmeans_binned``: the exact 1-D k-means search
+  of one float32 row (:func:`optimum_splitquant.core.kmeans_1d`'s binned path, ``2 <= k <= 9``);
+  the same cuts and the same bits as the pure-torch search, in plain loops instead of ~1,500 small
+  torch ops.
+* ``kmeans_dp_cpu.cpp``: ``torch.ops.optimum_splitquant.kmeans_dp``: the layers of the k-means
+  dynamic programme over sorted rows (:func:`optimum_splitquant.core.kmeans_1d` with many
+  clusters): the same cuts as the pure-torch layers, in plain loops (one row per thread).
 
 This package is a leaf: it depends on torch alone and takes plain integers (``bits``, the symbol
 ``width``), so the pure-torch core may call it without an import cycle.
@@ -22,8 +33,9 @@ This package is a leaf: it depends on torch alone and takes plain integers (``bi
 ``OPTIMUM_SPLITQUANT_KERNELS`` selects the behaviour: ``auto`` (default: build or load the cached
 library; on failure log a warning once and use pure torch), ``off`` (``0``/``false``/``torch``:
 pure torch only, nothing is compiled) or ``require`` (``1``/``on``: raise if the kernels cannot
-be built). ``dequantize`` and ``linear`` have fake (meta) implementations, so ``torch.compile``
-traces through them.
+be built). The switch is read on every call of :func:`available`; a quantized layer reads it when
+it chooses its path (:meth:`optimum_splitquant.nn.SplitQuantModule.select_compute_`). ``dequantize``
+and ``linear`` have fake (meta) implementations, so ``torch.compile`` traces through them.
 """
 
 from __future__ import annotations
@@ -47,6 +59,7 @@ __all__ = [
     "cache_dir",
     "cache_root",
     "check_stored",
+    "decode_ranges",
     "dequantize",
     "fit_mse_starts",
     "kmeans_binned",
@@ -148,7 +161,7 @@ def status(load: bool = True) -> KernelStatus:
 def available() -> bool:
     """True when the compiled kernels are enabled and loaded (builds them on first call).
 
-    Cheap after the first call (it runs on every forward). Under ``torch.compile`` it is evaluated
+    Cheap after the first call (quantized layers call it when they choose their path). Under ``torch.compile`` it is evaluated
     once while tracing (a constant of the compiled graph).
     """
     value = os.environ.get(ENV_VAR)
@@ -290,6 +303,28 @@ def check_stored(
     return torch.ops.optimum_splitquant.check_stored.default(packed, scale, offset, bits, width, num_clusters, dtype)
 
 
+def decode_ranges(
+    codes: torch.Tensor,
+    steps: torch.Tensor,
+    lines: int,
+    range_bits: int,
+    range_block: int,
+    signed_offsets: bool,
+    scale_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, offset)`` ``(lines, k)`` in ``scale_dtype`` of packed CPU range codes; needs :func:`available`.
+
+    ``codes``: the ``uint8`` stream of ``2 * lines * k`` codes of ``range_bits`` bits (all scale codes,
+    then all offset codes); ``steps``: ``(blocks, 2, k)`` per block of ``range_block`` lines, any
+    float dtype. Each product in float32, rounded to ``scale_dtype``; offset codes count from
+    ``2**(range_bits - 1)`` with ``signed_offsets`` (format 3), from 0 otherwise.
+    """
+    _require_loaded()
+    return torch.ops.optimum_splitquant.decode_ranges.default(
+        codes, steps, lines, range_bits, range_block, signed_offsets, scale_dtype
+    )
+
+
 def _require_loaded() -> None:
     if torch.compiler.is_compiling():
         return  # the caller checked available() (a traced constant); loading is not traceable
@@ -309,3 +344,8 @@ def _register_fakes() -> None:
     @torch.library.register_fake("optimum_splitquant::linear")
     def _linear_fake(x, packed, scale, offset, bias, in_features, bits, width, isa=-1):  # type: ignore[no-untyped-def]
         return x.new_empty((x.shape[0], packed.shape[0]))
+
+    @torch.library.register_fake("optimum_splitquant::decode_ranges")
+    def _decode_ranges_fake(codes, steps, lines, range_bits, range_block, signed_offsets, scale_dtype):  # type: ignore[no-untyped-def]
+        shape = (lines, steps.shape[2])
+        return steps.new_empty(shape, dtype=scale_dtype), steps.new_empty(shape, dtype=scale_dtype)

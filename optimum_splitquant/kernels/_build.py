@@ -52,8 +52,10 @@ KMEANS_SOURCE = Path(__file__).with_name("kmeans_cpu.cpp")
 FIT_SOURCE = Path(__file__).with_name("fit_cpu.cpp")
 # And the layers of the k-means dynamic programme (core/kmeans/dp.py, many clusters).
 KMEANS_DP_SOURCE = Path(__file__).with_name("kmeans_dp_cpu.cpp")
-# And the load-time check of a layer's stored tensors (nn/compact.py's validate()).
+# And the load-time check of a layer's stored tensors (nn/validation.py's check_layer()).
 CHECK_SOURCE = Path(__file__).with_name("check_cpu.cpp")
+# And the decode of coded ranges on every forward pass (core/ranges.py's decode_layer_ranges()).
+RANGES_SOURCE = Path(__file__).with_name("ranges_cpu.cpp")
 CACHE_ENV = "OPTIMUM_SPLITQUANT_CACHE"
 _TIMEOUT_S = 600
 _STALE_S = 2 * _TIMEOUT_S  # a build folder this old belongs to no running build
@@ -268,7 +270,7 @@ def _fsync_dir(folder: Path) -> None:
 
 def build_library() -> Path:
     """Path of the compiled library, building it first if this source/toolchain has no intact cached build."""
-    sources = (SOURCE, KMEANS_SOURCE, FIT_SOURCE, KMEANS_DP_SOURCE, CHECK_SOURCE)
+    sources = (SOURCE, KMEANS_SOURCE, FIT_SOURCE, KMEANS_DP_SOURCE, CHECK_SOURCE, RANGES_SOURCE)
     for path in sources:
         if not path.is_file():
             raise KernelBuildError(f"kernel source {path} is missing from the installation")

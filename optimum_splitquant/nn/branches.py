@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .conv import conv2d_settings
+from .geometry import conv2d_settings
 
 __all__ = ["SplitBranches", "SplitConv1D", "SplitConv2d", "SplitLinear"]
 

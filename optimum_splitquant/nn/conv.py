@@ -7,13 +7,12 @@ Each output kernel is one row of ``K = in_channels / groups * kh * kw`` weights,
 output kernel on its own (the paper's choice for Conv2d) and ``"tensor"`` the whole weight.
 
 ``stride``, ``padding``, ``dilation``, ``groups`` and ``padding_mode`` are not stored: they come
-from the model's config, which rebuilds the layer. The forward pass dequantizes the kernel and
-runs one ``F.conv2d``.
+from the model's config, which rebuilds the layer. The forward pass dequantizes the kernel (on the
+path :meth:`~.compact.SplitQuantModule.select_compute_` chose, or from the weight cache) and runs one
+``F.conv2d``.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,24 +21,11 @@ from torch.nn.modules.utils import _pair
 
 from ..core.spec import QuantSpec
 from .compact import SplitQuantModule
+from .geometry import conv2d_settings
 
-__all__ = ["SplitQuantConv2d", "conv2d_settings"]
+__all__ = ["SplitQuantConv2d"]
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
-
-
-def conv2d_settings(module: nn.Module) -> dict[str, Any]:
-    """The geometry of a Conv2d-like ``module`` as ``nn.Conv2d`` keyword arguments (bias excluded)."""
-    return {
-        "in_channels": module.in_channels,
-        "out_channels": module.out_channels,
-        "kernel_size": module.kernel_size,
-        "stride": module.stride,
-        "padding": module.padding,
-        "dilation": module.dilation,
-        "groups": module.groups,
-        "padding_mode": module.padding_mode,
-    }
 
 
 class SplitQuantConv2d(SplitQuantModule):
@@ -82,13 +68,12 @@ class SplitQuantConv2d(SplitQuantModule):
         self.padding_mode = padding_mode
         if float_weight:
             self._add_float_placeholder(device, dtype)
+        self.select_compute_()
 
     @property
     def kernel_shape(self) -> tuple[int, int, int, int]:
         """Shape of the float weight: ``(out_channels, in_channels / groups, kh, kw)``."""
-        return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
-
-    float_shape = kernel_shape
+        return self.float_shape
 
     @classmethod
     def from_float(cls, module: nn.Conv2d, spec: QuantSpec, *, ids: torch.Tensor | None = None) -> SplitQuantConv2d:
@@ -103,18 +88,11 @@ class SplitQuantConv2d(SplitQuantModule):
         layer.quantize_(weight, ids=ids)
         return layer
 
-    def _rows(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight.reshape(self.out_features, self.in_features)
-
-    def _from_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        return rows.reshape(self.kernel_shape)
-
     def dequantize_kernel(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float kernel this layer convolves with."""
-        return self._from_rows(self.dequantize_weight(dtype))
+        return self.view.from_rows(self.dequantize_weight(dtype), self.float_shape)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_quantized()
+    def _forward_packed(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         weight = self.dequantize_kernel(x.dtype)
         if self.padding_mode != "zeros":
@@ -122,14 +100,7 @@ class SplitQuantConv2d(SplitQuantModule):
             return F.conv2d(x, weight, bias, self.stride, 0, self.dilation, self.groups)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> nn.Conv2d:
-        """A plain ``nn.Conv2d`` holding the dequantized kernel (and the float bias)."""
-        if dtype is None:
-            dtype = self._float_dtype()
-        layer = nn.Conv2d(
-            **conv2d_settings(self), bias=self.bias is not None, device=self.weight_packed.device, dtype=dtype
-        )
-        return self._filled(layer, self.dequantize_kernel(dtype))
+    _forward_cached = _forward_packed  # dequantize_weight() reads the cache when one is kept
 
     def _reversed_padding(self) -> list[int]:
         """``F.pad`` amounts (left, right, top, bottom), as ``nn.Conv2d`` computes them."""

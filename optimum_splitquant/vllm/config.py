@@ -4,7 +4,8 @@ Built from the checkpoint's ``quantization_config`` (the dict ``config.json`` ho
 :class:`~optimum_splitquant.hf.config.SplitQuantConfig` and turned into the layers'
 :class:`~optimum_splitquant.core.QuantSpec`. Which layers are quantized comes from the checkpoint
 itself when vLLM serves a local folder (the safetensors headers, checked as the transformers loader
-checks them: one save, the settings of ``config.json``, a known format version); otherwise from
+checks them: one save, the settings of ``config.json``, a known format version, and for coded ranges
+or column scales the version ``config.json`` names, 4 for column scales); otherwise from
 ``modules_to_not_convert``. Every other layer gets vLLM's ``UnquantizedLinearMethod``.
 
 vLLM fuses some layers (``qkv_proj`` from ``q_proj``/``k_proj``/``v_proj``, ``gate_up_proj`` from
@@ -23,7 +24,7 @@ from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMetho
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 
-from ..checkpoint.format import FORMAT_VERSION
+from ..checkpoint.format import FORMAT_VERSION, coded_version
 from ..checkpoint.headers import check_consistency, check_scale_dtype, read_checkpoint_index
 from ..hf.config import QUANT_METHOD, SplitQuantConfig
 from .method import SplitQuantLinearMethod
@@ -80,7 +81,7 @@ class SplitQuantVllmConfig(QuantizationConfig):
             )
             return
         index = read_checkpoint_index(files)
-        check_consistency(index, FORMAT_VERSION, self.config.storage_settings())
+        check_consistency(index, FORMAT_VERSION, self.config.storage_settings(), coded_version=coded_version(self.spec))
         check_scale_dtype(index, self.config.scale_dtype, "config.json quantization_config.scale_dtype")
         self.quantized_modules = index.quantized_modules()
 

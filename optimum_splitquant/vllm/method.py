@@ -4,13 +4,14 @@ Per vLLM layer (``rows`` = this rank's output rows, ``width`` = this rank's inpu
 row on this rank, 1 for whole-row ranges, ``k = num_clusters``, ``w = symbol_width``), with the names
 and contents of :mod:`optimum_splitquant.checkpoint.format`:
 
-=====================  =================================  ==============================================
-parameter              shape, dtype                       vLLM class (sharding)
-=====================  =================================  ==============================================
-``weight_packed``      ``(rows, ceil(width / 8) * w)`` u8  ``PackedvLLMParameter`` (rows; columns in bytes)
-``weight_scale``       ``(rows, G, k)`` ``scale_dtype``    ``GroupQuantScaleParameter`` (rows; groups), or
-``weight_offset``                                          ``ChannelQuantScaleParameter`` (rows) per row
-=====================  =================================  ==============================================
+=========================  =================================  ==============================================
+parameter                  shape, dtype                       vLLM class (sharding)
+=========================  =================================  ==============================================
+``weight_packed``          ``(rows, ceil(width / 8) * w)`` u8  ``PackedvLLMParameter`` (rows; columns in bytes)
+``weight_scale``           ``(rows, G, k)`` ``scale_dtype``    ``GroupQuantScaleParameter`` (rows; groups), or
+``weight_offset``                                              ``ChannelQuantScaleParameter`` (rows) per row
+``weight_column_scale``    ``(parts, width)`` ``scale_dtype``  ``BasevLLMParameter``, own loader (columns)
+=========================  =================================  ==============================================
 
 A packed row holds the symbols of one output row, so column-parallel and fused layers (``qkv_proj``,
 ``gate_up_proj``, whose parts vLLM's loaders place one after the other) slice whole rows. A
@@ -26,8 +27,21 @@ until the module's codes, steps and packed rows have arrived, decode them with t
 k)`` ranges to vLLM's loader of ``weight_scale`` / ``weight_offset``, which shards them like stored
 ones: every tensor parallel size that suits the packed rows suits coded ranges too.
 
+Column scales (format 4, ``column_scales``): each stored module of at least
+:data:`~optimum_splitquant.core.spec.COLUMN_SCALE_MIN_ROWS` rows holds its own ``(in,)`` scale ``c``
+and its weight is ``deq(W') * c[None, :]``. A fused layer's parts share their inputs but not their
+scales, so ``weight_column_scale`` holds one row per part (``parts`` = 3 for ``qkv_proj``, 2 for
+``gate_up_proj``, else 1; a part of fewer rows, such as a small ``k_proj``, keeps a row of ones and
+runs unscaled), and the forward runs each scaled part on its own rows
+(:func:`~optimum_splitquant.nn.linear_compact` with its ``c``, as the transformers layer of that
+module does) and concatenates the outputs; adjacent unscaled parts run together. The parameter is
+registered only when some part stores scales (vLLM requires every registered tensor to be loaded).
+Its loader takes the whole stored ``(in,)`` tensor and keeps this rank's columns: all of them for
+column-parallel and fused layers, the rank's slice for row-parallel ones.
+
 After loading, :meth:`SplitQuantLinearMethod.process_weights_after_loading` checks that every part
-of the layer got its tensors and that the cluster ids fit ``num_clusters``, and keeps plain tensors.
+of the layer got its tensors (column scales for the parts that store them), that the cluster ids fit
+``num_clusters`` and that the column scales are finite and positive, and keeps plain tensors.
 """
 
 from __future__ import annotations
@@ -50,11 +64,11 @@ from vllm.model_executor.parameter import (
     PackedvLLMParameter,
 )
 
-from ..checkpoint.format import OFFSET, PACKED, RANGE_CODES, RANGE_STEPS, SCALE
+from ..checkpoint.format import COLUMN_SCALE, OFFSET, PACKED, RANGE_CODES, RANGE_STEPS, SCALE
 from ..core.packing import packed_row_bytes
 from ..core.ranges import decode_layer_ranges
-from ..core.spec import QuantSpec
-from ..nn.compact import ids_in_range
+from ..core.spec import COLUMN_SCALE_MIN_ROWS, QuantSpec
+from ..nn.validation import ids_in_range
 from . import compute
 
 __all__ = ["SplitQuantLinearMethod"]
@@ -63,12 +77,31 @@ _STATE = "_splitquant"
 
 
 class _LayerState:
-    """What one layer's loaders record: tensors loaded per part, and coded ranges waiting to be decoded."""
+    """A layer's geometry, and what its loaders record: tensors loaded per part, coded ranges waiting to be decoded.
 
-    def __init__(self, width: int, full_width: int, groups: int) -> None:
+    ``parts`` are the shard ids of the stored modules fused into the layer (``(None,)`` when not fused),
+    ``stored_rows`` their rows in the checkpoint, ``scaled`` which of them store column scales, and
+    ``runs`` the ``(start, stop, part index or None)`` row spans on this rank the forward computes
+    separately (a part with column scales alone, adjacent unscaled parts together, index ``None``).
+    """
+
+    def __init__(
+        self,
+        width: int,
+        full_width: int,
+        groups: int,
+        parts: tuple[Any, ...],
+        stored_rows: tuple[int, ...],
+        scaled: tuple[bool, ...],
+        runs: tuple[tuple[int, int, int | None], ...],
+    ) -> None:
         self.width = width  # inputs on this rank
         self.full_width = full_width
         self.full_groups = groups  # range groups per stored row (all ranks)
+        self.parts = parts
+        self.stored_rows = stored_rows
+        self.scaled = scaled
+        self.runs = runs
         self.loaded: set[tuple[str, Any]] = set()
         self.coded: dict[Any, dict[str, Any]] = {}  # part -> {RANGE_CODES, RANGE_STEPS, "rows"}
 
@@ -98,7 +131,10 @@ class SplitQuantLinearMethod(LinearMethodBase):
             self._check_row_split(width, input_size)
         groups = self._groups(width, input_size, "the per-rank input width")
         loader = extra_weight_attrs["weight_loader"]
-        state = _LayerState(width, input_size, full_groups)
+        parts, stored_rows = _parts(layer), _stored_rows(layer, output_size)
+        scaled = tuple(spec.has_column_scales(r) for r in stored_rows)
+        runs = self._runs(output_partition_sizes, scaled)
+        state = _LayerState(width, input_size, full_groups, parts, stored_rows, scaled, runs)
         setattr(layer, _STATE, state)
 
         packed = PackedvLLMParameter(
@@ -122,6 +158,10 @@ class SplitQuantLinearMethod(LinearMethodBase):
             for name, dtype in ((RANGE_CODES, torch.uint8), (RANGE_STEPS, spec.scale_dtype)):
                 holder = BasevLLMParameter(data=torch.empty(0, dtype=dtype), weight_loader=self._coded(layer, name))
                 layer.register_parameter(name, holder)
+        if any(scaled):
+            ones = torch.ones(len(parts), width, dtype=spec.scale_dtype)  # an unscaled part multiplies by 1
+            column_scale = BasevLLMParameter(data=ones, weight_loader=self._column_scale(layer))
+            layer.register_parameter(COLUMN_SCALE, column_scale)
 
     # Checks ---------------------------------------------------------------------------------------
 
@@ -135,6 +175,26 @@ class SplitQuantLinearMethod(LinearMethodBase):
                 f"(of {full_width} inputs); use a tensor parallel size that leaves whole groups on every rank"
             )
         return width // group
+
+    def _runs(self, partition_sizes: list[int], scaled: tuple[bool, ...]) -> tuple[tuple[int, int, int | None], ...]:
+        """Row spans of this rank the forward computes apart: each scaled part, and runs of unscaled ones."""
+        if len(partition_sizes) != len(scaled):
+            if any(scaled):
+                raise ValueError(
+                    f"SplitQuant layer {self.prefix!r}: vLLM fuses {len(partition_sizes)} stored modules into it in a "
+                    "way this plugin cannot apply column scales to; quantize the model without column_scales"
+                )
+            return ((0, sum(partition_sizes), None),)
+        runs: list[tuple[int, int, int | None]] = []
+        start = 0
+        for index, (size, has_scale) in enumerate(zip(partition_sizes, scaled, strict=True)):
+            stop = start + size
+            if not has_scale and runs and runs[-1][2] is None:
+                runs[-1] = (runs[-1][0], stop, None)
+            else:
+                runs.append((start, stop, index if has_scale else None))
+            start = stop
+        return tuple(runs)
 
     def _check_row_split(self, width: int, full_width: int) -> None:
         tp = full_width // width
@@ -178,6 +238,36 @@ class SplitQuantLinearMethod(LinearMethodBase):
 
         return load
 
+    def _column_scale(self, layer: torch.nn.Module) -> Callable[..., None]:
+        """Loader of one stored module's ``(in,)`` column scale: into its part's row, this rank's columns only."""
+
+        def load(param: torch.nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+            state: _LayerState = getattr(layer, _STATE)
+            stored = self.prefix if shard_id is None else f"{self.prefix} (part {shard_id!r})"
+            if shard_id not in state.parts:
+                raise ValueError(
+                    f"SplitQuant layer {stored}: the checkpoint stores a {COLUMN_SCALE} for a module that is not one "
+                    f"of its parts {list(state.parts)}; the checkpoint does not match the model"
+                )
+            index = state.parts.index(shard_id)
+            if not state.scaled[index]:
+                raise ValueError(
+                    f"SplitQuant layer {stored}: the checkpoint stores a {COLUMN_SCALE} for a module of "
+                    f"{state.stored_rows[index]} rows, which stores none (fewer than {COLUMN_SCALE_MIN_ROWS}); "
+                    "config.json and the weights disagree"
+                )
+            if tuple(loaded.shape) != (state.full_width,) or loaded.dtype != self.spec.scale_dtype:
+                raise ValueError(
+                    f"SplitQuant layer {stored}: stored {COLUMN_SCALE} has shape {list(loaded.shape)} and dtype "
+                    f"{loaded.dtype}, expected [{state.full_width}] and {self.spec.scale_dtype} (scale_dtype) for "
+                    f"{state.full_width} inputs; config.json and the weights disagree"
+                )
+            start = layer.tp_rank * state.width if state.width != state.full_width else 0
+            param.data[index].copy_(loaded[start : start + state.width])
+            state.loaded.add((COLUMN_SCALE, shard_id))
+
+        return load
+
     def _coded(self, layer: torch.nn.Module, name: str) -> Callable[..., None]:
         def load(param: torch.nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
             self._stash(layer, shard_id, name, loaded.detach().clone())
@@ -204,17 +294,19 @@ class SplitQuantLinearMethod(LinearMethodBase):
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         state: _LayerState = getattr(layer, _STATE)
-        for part in _parts(layer):
-            for name in (PACKED, SCALE, OFFSET):
+        for part, has_scale in zip(state.parts, state.scaled, strict=True):
+            for name in (PACKED, SCALE, OFFSET, *((COLUMN_SCALE,) if has_scale else ())):
                 if (name, part) in state.loaded or (name, None) in state.loaded:
                     continue
                 stored = self.prefix if part is None else f"{self.prefix} (part {part!r})"
                 coded = state.coded.get(part, state.coded.get(None, {}))
-                if self.spec.range_bits is not None and name != PACKED:
+                if self.spec.range_bits is not None and name in (SCALE, OFFSET):
                     missing = [n for n in (RANGE_CODES, RANGE_STEPS) if n not in coded] or [PACKED]
                     name = missing[0]
                 raise ValueError(f"SplitQuant layer {stored}: the checkpoint has no {name} for it; it is incomplete")
-        for name in (PACKED, SCALE, OFFSET):
+        for name in (PACKED, SCALE, OFFSET, COLUMN_SCALE):
+            if not hasattr(layer, name):
+                continue
             data = getattr(layer, name).data.contiguous()
             delattr(layer, name)
             layer.register_parameter(name, torch.nn.Parameter(data, requires_grad=False))
@@ -230,12 +322,35 @@ class SplitQuantLinearMethod(LinearMethodBase):
         for name in (SCALE, OFFSET):
             if not bool(torch.isfinite(getattr(layer, name)).all()):
                 raise ValueError(f"SplitQuant layer {self.prefix!r}: {name} holds NaN or infinite values")
+        column_scale = getattr(layer, COLUMN_SCALE, None)
+        if column_scale is not None and not bool((torch.isfinite(column_scale) & (column_scale > 0)).all()):
+            raise ValueError(
+                f"SplitQuant layer {self.prefix!r}: {COLUMN_SCALE} holds values that are not finite and positive; "
+                "the checkpoint is damaged"
+            )
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         state: _LayerState = getattr(layer, _STATE)
-        return compute.linear(
-            x, layer.weight_packed, layer.weight_scale, layer.weight_offset, bias, state.width, self.spec
-        )
+        packed, scale, offset = layer.weight_packed, layer.weight_scale, layer.weight_offset
+        column_scale = getattr(layer, COLUMN_SCALE, None)
+        if len(state.runs) == 1:
+            index = state.runs[0][2]
+            c = None if index is None else column_scale[index]
+            return compute.linear(x, packed, scale, offset, bias, state.width, self.spec, column_scale=c)
+        outputs = [
+            compute.linear(
+                x,
+                packed[start:stop],
+                scale[start:stop],
+                offset[start:stop],
+                None if bias is None else bias[start:stop],
+                state.width,
+                self.spec,
+                column_scale=None if index is None else column_scale[index],
+            )
+            for start, stop, index in state.runs
+        ]
+        return torch.cat(outputs, dim=-1)
 
 
 def _parts(layer: torch.nn.Module) -> tuple[Any, ...]:
@@ -245,3 +360,13 @@ def _parts(layer: torch.nn.Module) -> tuple[Any, ...]:
     if isinstance(layer, MergedColumnParallelLinear):
         return tuple(range(len(layer.output_sizes)))
     return (None,)
+
+
+def _stored_rows(layer: torch.nn.Module, output_size: int) -> tuple[int, ...]:
+    """The rows in the checkpoint of each stored module fused into ``layer`` (all ranks; ``_parts``' order)."""
+    if isinstance(layer, QKVParallelLinear):
+        kv = layer.total_num_kv_heads
+        return (layer.total_num_heads * layer.head_size, kv * layer.head_size, kv * layer.v_head_size)
+    if isinstance(layer, MergedColumnParallelLinear):
+        return tuple(layer.output_sizes)
+    return (output_size,)

@@ -26,7 +26,7 @@ from transformers import (
 )
 
 from optimum_splitquant import SplitQuantConfig, SplitQuantLinear, size_report
-from optimum_splitquant.cli import commands, demo, quantize
+from optimum_splitquant.cli import commands, demo, output_folder, quantize
 from optimum_splitquant.cli.console import CliError
 from optimum_splitquant.cli.data import LabeledTexts, minilm_path, sms_spam, split
 from optimum_splitquant.cli.models import resolve_task
@@ -132,8 +132,10 @@ def test_budget_is_for_budget(budget):
 
 
 def test_budget_replaces_five_flags():
-    five = ["--bits", "4", "--num-clusters", "1", "--group-size", "32", "--fit", "mse", "--range-bits", "6"]
-    assert _resolved(*five) == _resolved("--budget", "4.5") == SplitQuantConfig.for_budget(4.5)
+    flags = ["--bits", "4", "--num-clusters", "1", "--group-size", "32", "--fit", "mse", "--range-bits", "6"]
+    flags += ["--range-block", "16", "--column-scales"]
+    assert _resolved(*flags) == _resolved("--budget", "4.5") == SplitQuantConfig.for_budget(4.5)
+    assert _resolved("--budget", "4.5", "--no-column-scales") == SplitQuantConfig.for_budget(4.5, column_scales=False)
 
 
 def test_bits_alone_keeps_the_config_defaults():
@@ -174,7 +176,7 @@ def test_quantize_with_a_budget(tiny_base, tmp_path, capsys):
     assert "budget     4.5 bits per weight asked for: SplitQuantConfig.for_budget(4.5, range_block=16)" in stdout
     assert "settings   bits=4, num_clusters=1, group_size=32, clustering='tensor', fit='mse', range_bits=6," in stdout
     card = (out / "README.md").read_text()
-    assert "| bits budget asked for | 4.5 stored bits per weight on rows of 512 inputs" in card
+    assert "| bits budget asked for | 4.5 stored bits per weight on layers of 512 inputs and outputs" in card
     assert "`SplitQuantConfig.for_budget(4.5, range_block=16)`" in card
     assert "| coded ranges | 6-bit codes, steps shared by 16 ranges |" in card
     assert "| code bits per weight | 4 |" in card and "group of 32 input columns" in card
@@ -254,7 +256,8 @@ def test_evaluate_a_float_classifier(tiny_classifier, capsys):
         (["quantize", "{base}", "--budget", "4.5", "--fit", "minmax"], "range_bits=6 needs fit='mse'"),
         (
             ["quantize", "{base}", "--budget", "4.5", "--group-size", "16"],
-            "--budget 4.5 with --group-size 16 stores 5 bits per weight (rows of 512 inputs), over the budget",
+            "--budget 4.5 with --group-size 16 stores 4.906 bits per weight (layers of 512 inputs and outputs), over the "
+            "budget",
         ),
         (["quantize", "{quantized}", "--bits", "2"], "is already quantized"),
         (["quantize", "{base}", "--bits", "2", "--push-to-hub", "me/x"], "cannot push: offline mode is on"),
@@ -542,9 +545,9 @@ def test_quantize_refuses_the_input_folder_as_output(spelling, tmp_path, monkeyp
 
 def test_quantize_output_check_allows_other_folders(tiny_base, tmp_path):
     # A new folder, a sub-folder of the model, or a Hub id that merely looks like a path: all fine.
-    assert quantize._check_output(str(tmp_path / "out"), tiny_base) == tmp_path / "out"
-    assert quantize._check_output(str(Path(tiny_base) / "int2"), tiny_base) == Path(tiny_base) / "int2"
-    hub_like = quantize._check_output("nobody/unknown-model", "nobody/unknown-model")
+    assert output_folder.check_output(str(tmp_path / "out"), tiny_base) == tmp_path / "out"
+    assert output_folder.check_output(str(Path(tiny_base) / "int2"), tiny_base) == Path(tiny_base) / "int2"
+    hub_like = output_folder.check_output("nobody/unknown-model", "nobody/unknown-model")
     assert hub_like == Path.cwd() / "nobody" / "unknown-model"  # made absolute: `--output .` must name a real folder
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModel, BertModel
 
-from optimum_splitquant.cli import commands, quantize
+from optimum_splitquant.cli import commands, output_folder, quantize
 
 from .test_cli import _assert_one_error_line, _bert_config, _must_not_load, _save, _snapshot
 
@@ -159,7 +159,7 @@ def test_a_read_only_parent_is_a_clear_error(base, tmp_path, monkeypatch, capsys
     def refused(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(quantize.tempfile, "TemporaryFile", refused)  # root ignores chmod: refuse the write probe
+    monkeypatch.setattr(output_folder.tempfile, "TemporaryFile", refused)  # root ignores chmod: refuse the write probe
     assert _quantize(base, tmp_path / "new" / "int2") == 1
     _assert_one_error_line(
         capsys.readouterr().err, f"cannot write to output directory '{tmp_path / 'new' / 'int2'}': Permission denied"

@@ -429,7 +429,7 @@ def test_mse_fit_is_deterministic_and_chunk_independent(monkeypatch: pytest.Monk
 def test_mse_fit_ranges_beyond_float16_raise(compiled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """A fitted offset past float16's range is refused with the remedy, on both paths."""
     from optimum_splitquant import kernels
-    from optimum_splitquant.core import quantize as quantize_module
+    from optimum_splitquant.core import fit as fit_module
 
     if not compiled:
         monkeypatch.setattr(kernels, "available", lambda: False)
@@ -437,7 +437,7 @@ def test_mse_fit_ranges_beyond_float16_raise(compiled: bool, monkeypatch: pytest
     w = torch.full((1, 4), 70000.0)
     zeros = torch.zeros(1, 4)
     with pytest.raises(ValueError, match="scale_dtype='float32'"):
-        quantize_module._fit_mse(
+        fit_module.fit_mse(
             w, zeros.long(), zeros, torch.zeros(1, 1, dtype=torch.float16), torch.ones(1, 1, dtype=torch.float16), spec
         )
 
@@ -455,18 +455,18 @@ def _line_errors(w: torch.Tensor, q: QuantizedWeight, spec: QuantSpec) -> torch.
 )
 def test_mse_fit_keeps_the_best_start_of_every_line(spec: QuantSpec, monkeypatch: pytest.MonkeyPatch) -> None:
     """Against the min-max start alone: the layer gains, and after the trial rounds no (row, group) is worse."""
-    import optimum_splitquant.core.quantize as quantize_module
+    import optimum_splitquant.core.fit as fit_module
 
     w = next(iter(minilm_linear_weights().values()))
     best = _line_errors(w, quantize_weight(w, spec), spec)
-    starts = quantize_module.FIT_STARTS
-    monkeypatch.setattr(quantize_module, "FIT_STARTS", starts[:1])
+    starts = fit_module.FIT_STARTS
+    monkeypatch.setattr(fit_module, "FIT_STARTS", starts[:1])
     single = _line_errors(w, quantize_weight(w, spec), spec)
     assert float(best.sum()) < 0.97 * float(single.sum())
     # Stopped after the trial rounds, the choice is exactly the best start of each line.
-    monkeypatch.setattr(quantize_module, "FIT_ITERATIONS", quantize_module.FIT_TRIAL_ITERATIONS)
+    monkeypatch.setattr(fit_module, "FIT_ITERATIONS", fit_module.FIT_TRIAL_ITERATIONS)
     single = _line_errors(w, quantize_weight(w, spec), spec)
-    monkeypatch.setattr(quantize_module, "FIT_STARTS", starts)
+    monkeypatch.setattr(fit_module, "FIT_STARTS", starts)
     best = _line_errors(w, quantize_weight(w, spec), spec)
     assert bool((best <= single).all())
 

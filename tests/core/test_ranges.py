@@ -12,6 +12,7 @@ from optimum_splitquant.core import QuantSpec, dequantize_weight, packed_row_byt
 from optimum_splitquant.core.ranges import (
     CodedRanges,
     code_variants,
+    decode_layer_ranges,
     decode_ranges,
     encode_ranges,
     offset_zero,
@@ -358,3 +359,25 @@ def test_range_block_longer_than_the_lines_is_one_block():
 def test_spec_rejects_huge_range_block(range_block):
     with pytest.raises(ValueError, match=rf"range_block must be an integer in \[1, {MAX_RANGE_BLOCK}\]"):
         QuantSpec(bits=4, num_clusters=1, fit="mse", range_bits=6, range_block=range_block)
+
+
+@pytest.mark.parametrize("kernels_mode", ["auto", "off"])
+@pytest.mark.parametrize("signed", [True, False], ids=["format3", "format2"])
+@pytest.mark.parametrize("dtype", [*DTYPES.values(), torch.float32], ids=[*DTYPES, "fp32"])
+def test_decode_layer_ranges_matches_the_format(dtype, signed, kernels_mode, monkeypatch):
+    """A layer's ranges, compiled or pure torch: each code times its block's step in float32, rounded to the dtype."""
+    monkeypatch.setenv("OPTIMUM_SPLITQUANT_KERNELS", kernels_mode)
+    rows, groups, k, r, block = 13, 5, 3, 6, 8
+    spec = QuantSpec(4, k, fit="mse", range_bits=r, range_block=block, scale_dtype=dtype, signed_offsets=signed)
+    gen = torch.Generator().manual_seed(11)
+    lines = rows * groups
+    codes = torch.randint(0, 256, (range_codes_bytes(lines, k, r),), generator=gen, dtype=torch.uint8)
+    steps = (torch.randn(-(-lines // block), 2, k, generator=gen) * 1e-3).to(dtype)
+    scale, offset = decode_layer_ranges(codes, steps, rows, groups, spec)
+    symbols = unpack_rows(codes.view(1, -1), r, 2 * lines * k).view(2, lines, k).float()
+    per_line = steps.float()[torch.arange(lines) // block]  # (lines, 2, k)
+    zero = offset_zero(spec)
+    expected_scale = (symbols[0] * per_line[:, 0]).to(dtype).view(rows, groups, k)
+    expected_offset = ((symbols[1] - zero) * per_line[:, 1]).to(dtype).view(rows, groups, k)
+    assert torch.equal(scale, expected_scale) and torch.equal(offset, expected_offset)
+    assert scale.dtype == dtype and scale.shape == (rows, groups, k)

@@ -103,8 +103,10 @@ def test_save_and_reload_is_exact(coded, input_ids):
     for name, layer in layers.items():
         twin = reloaded[name]
         assert twin.coded and twin.spec == layer.spec
-        for buf in (*CODED_TENSOR_NAMES, SCALE, OFFSET):
+        for buf in CODED_TENSOR_NAMES:
             a, b = getattr(layer, buf), getattr(twin, buf)
+            assert a.dtype == b.dtype and torch.equal(a, b), f"{name}.{buf}"
+        for buf, a, b in zip((SCALE, OFFSET), layer.ranges(), twin.ranges(), strict=True):
             assert a.dtype == b.dtype and torch.equal(a, b), f"{name}.{buf}"
         assert torch.equal(layer.bias, twin.bias) if layer.bias is not None else twin.bias is None
 
@@ -126,8 +128,8 @@ def test_checkpoint_stores_codes_instead_of_ranges(coded):
         assert tensors[f"{name}.{RANGE_STEPS}"].dtype == torch.float16
         # The ranges the layer computes with are the ones the stored codes give.
         scale, offset = _decoded(tensors[f"{name}.{RANGE_CODES}"], tensors[f"{name}.{RANGE_STEPS}"], lines, layer.spec)
-        assert torch.equal(layer.weight_scale.reshape(lines, 1), scale)
-        assert torch.equal(layer.weight_offset.reshape(lines, 1), offset)
+        assert torch.equal(layer.ranges()[0].reshape(lines, 1), scale)
+        assert torch.equal(layer.ranges()[1].reshape(lines, 1), offset)
     assert not any(key.endswith((f".{SCALE}", f".{OFFSET}")) for key in tensors)
     saved = json.loads((out / "config.json").read_text())["quantization_config"]
     assert saved["range_bits"] == 6 and saved["range_block"] == 8 and saved["format_version"] == 3
@@ -160,7 +162,7 @@ def test_storage_bits_count_the_stored_bytes(coded):
         assert layer.storage_bits() == 8 * stored, name
         assert layer.effective_bits() == 8 * stored / (layer.in_features * layer.out_features)
         # The decoded ranges are held in memory, not stored: with them the layer would cost more.
-        assert layer.storage_bits() < 8 * (tensors[f"{name}.{PACKED}"].nbytes + 2 * layer.weight_scale.nbytes)
+        assert layer.storage_bits() < 8 * (tensors[f"{name}.{PACKED}"].nbytes + 2 * layer.ranges()[0].nbytes)
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -228,14 +230,14 @@ def test_load_state_dict_rebuilds_the_ranges():
     src, dst = _linear_pair(spec)
     state = src.state_dict()
     assert set(state) == {PACKED, RANGE_CODES, RANGE_STEPS, "bias"}  # decoded ranges are not persistent
-    assert not bool(src.weight_scale.eq(0).all())
+    assert not bool(src.ranges()[0].eq(0).all())
     dst.load_state_dict(state)
-    assert torch.equal(dst.weight_scale, src.weight_scale)
-    assert torch.equal(dst.weight_offset, src.weight_offset)
+    assert torch.equal(dst.ranges()[0], src.ranges()[0])
+    assert torch.equal(dst.ranges()[1], src.ranges()[1])
     lines = 40 * 4
     scale, offset = _decoded(dst.weight_range_codes, dst.weight_range_steps, lines, spec)
-    assert torch.equal(dst.weight_scale.reshape(lines, 2), scale)
-    assert torch.equal(dst.weight_offset.reshape(lines, 2), offset)
+    assert torch.equal(dst.ranges()[0].reshape(lines, 2), scale)
+    assert torch.equal(dst.ranges()[1].reshape(lines, 2), offset)
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.equal(dst(x), src(x))
@@ -254,9 +256,9 @@ def test_cast_to_bfloat16_rebuilds_from_cast_steps():
     lines = 40 * 4
     scale, offset = _decoded(dst.weight_range_codes, dst.weight_range_steps, lines, spec)
     assert scale.dtype == torch.bfloat16
-    assert dst.weight_scale.dtype == dst.weight_offset.dtype == torch.bfloat16
-    assert torch.equal(dst.weight_scale.reshape(lines, 2), scale)
-    assert torch.equal(dst.weight_offset.reshape(lines, 2), offset)
+    assert dst.ranges()[0].dtype == dst.ranges()[1].dtype == torch.bfloat16
+    assert torch.equal(dst.ranges()[0].reshape(lines, 2), scale)
+    assert torch.equal(dst.ranges()[1].reshape(lines, 2), offset)
     coded = unpack_range_codes(dst.weight_range_codes, dst.weight_range_steps, lines, spec)
     assert torch.equal(decode_ranges(coded, spec)[0].to(torch.bfloat16), scale)
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(2))
@@ -275,10 +277,10 @@ def test_cast_model_to_bfloat16_runs(coded, input_ids):
     model.to(torch.bfloat16)
     for name, layer in _layers(model).items():
         assert layer.weight_range_steps.dtype == torch.bfloat16, name
-        lines = layer.weight_scale.shape[0] * layer.weight_scale.shape[1]
+        lines = layer.ranges()[0].shape[0] * layer.ranges()[0].shape[1]
         scale, offset = _decoded(layer.weight_range_codes, layer.weight_range_steps, lines, layer.spec)
-        assert torch.equal(layer.weight_scale.reshape(lines, 1), scale), name
-        assert torch.equal(layer.weight_offset.reshape(lines, 1), offset), name
+        assert torch.equal(layer.ranges()[0].reshape(lines, 1), scale), name
+        assert torch.equal(layer.ranges()[1].reshape(lines, 1), offset), name
     logits = _logits(model, input_ids)
     assert logits.dtype == torch.bfloat16 and bool(torch.isfinite(logits).all())
     assert float((logits.float() - expected).abs().max()) <= 0.1 * float(expected.abs().max())
@@ -306,8 +308,8 @@ def test_format_2_is_written_and_read_as_before(float_dir, tmp_path, input_ids):
     for name, layer in _layers(model).items():  # unsigned offset codes times a signed step
         lines = layer.out_features * (layer.in_features // 16)
         scale, offset = _decoded(tensors[f"{name}.{RANGE_CODES}"], tensors[f"{name}.{RANGE_STEPS}"], lines, layer.spec)
-        assert torch.equal(layer.weight_scale.reshape(lines, 1), scale), name
-        assert torch.equal(layer.weight_offset.reshape(lines, 1), offset), name
+        assert torch.equal(layer.ranges()[0].reshape(lines, 1), scale), name
+        assert torch.equal(layer.ranges()[1].reshape(lines, 1), offset), name
     again = _load(out)
     assert torch.equal(_logits(again, input_ids), _logits(model, input_ids))
 

@@ -18,7 +18,8 @@ def test_defaults_and_spec():
     assert (cfg.bits, cfg.num_clusters, cfg.group_size, cfg.clustering) == (2, 3, None, "tensor")
     # Without coded ranges the oldest format that stores it (1, which every release reads) is written.
     assert cfg.format_version == 1 and cfg.quant_method == "splitquant"
-    assert SplitQuantConfig(bits=4, fit="mse", range_bits=6).format_version == FORMAT_VERSION == 3
+    assert SplitQuantConfig(bits=4, fit="mse", range_bits=6).format_version == 3
+    assert SplitQuantConfig(bits=4, column_scales=True).format_version == FORMAT_VERSION == 4
     spec = cfg.to_spec()
     assert spec.symbol_width == 4 and spec.scale_dtype == torch.float16
 
@@ -29,8 +30,9 @@ def test_defaults_and_spec():
         dict(bits=2),
         dict(bits=8, num_clusters=1, group_size=64, clustering="channel", scale_dtype="float32"),
         dict(bits=3, modules_to_not_convert=["classifier", "pooler.dense"], scale_dtype="bfloat16"),
+        dict(bits=4, num_clusters=1, group_size=32, fit="mse", range_bits=6, range_block=16, column_scales=True),
     ],
-    ids=["int2-defaults", "int8-plain-grouped", "int3-skips"],
+    ids=["int2-defaults", "int8-plain-grouped", "int3-skips", "int4-coded-column-scales"],
 )
 def test_json_round_trip(kwargs):
     cfg = SplitQuantConfig(**kwargs)
@@ -90,7 +92,9 @@ def test_round_trip_through_config_json(tmp_path):
         (dict(modules_to_not_convert=range(2)), TypeError, r"modules_to_not_convert .*got range range\(0, 2\)"),
         (dict(modules_to_not_convert=5), TypeError, r"modules_to_not_convert .*got int 5"),
         (dict(modules_to_not_convert=["a", 1]), TypeError, r"modules_to_not_convert .*not names: \[1\]"),
-        (dict(format_version=4), ValueError, r"format_version 4 was written by a newer optimum-splitquant"),
+        (dict(format_version=5), ValueError, r"format_version 5 was written by a newer optimum-splitquant"),
+        (dict(column_scales=True, format_version=3), ValueError, r"column_scales=True needs format_version >= 4"),
+        (dict(column_scales="yes"), TypeError, r"column_scales must be True or False, got 'yes'"),
         (dict(format_version=0), ValueError, r"format_version must be >= 1"),
         (dict(quant_method="gptq"), ValueError, r"quant_method must be 'splitquant', got 'gptq'"),
         (dict(bitz=2), TypeError, r"unknown field\(s\) \['bitz'\]"),
@@ -115,7 +119,8 @@ def test_for_budget_stays_within_the_budget_on_typical_widths(budget):
     spec = config.to_spec()
     for width in (512, 576, 768, 1024, 1536, 2048, 4096, 11008):
         if spec.group_size is None or width % spec.group_size == 0:
-            assert spec.bits_per_weight(width) <= budget, (budget, width, config.to_dict())
+            for rows in (512, width, 4 * width):
+                assert spec.bits_per_weight(width, rows) <= budget, (budget, width, rows, config.to_dict())
     assert SplitQuantConfig.from_dict(config.to_dict()) == config
 
 
@@ -143,6 +148,7 @@ def test_for_budget_refuses_what_it_cannot_meet(value, error):
         {"group_size": 2.0},
         {"fit": "mle"},
         {"range_bits": 3, "fit": "mse"},
+        {"column_scales": 1},
     ],
     ids=lambda kw: ",".join(f"{a}={b}" for a, b in kw.items()),
 )

@@ -17,7 +17,7 @@ from tiny import load, rewrite_weights, run
 
 from optimum_splitquant import SplitQuantConfig
 from optimum_splitquant.checkpoint.format import OFFSET, PACKED, RANGE_STEPS, SCALE, stored_tensors
-from optimum_splitquant.hf.quantizer import _onloaded
+from optimum_splitquant.hf.loaded import onloaded
 from optimum_splitquant.nn import SplitQuantLinear
 
 NAME = "llama-lm"
@@ -142,7 +142,7 @@ def test_an_offloaded_layer_missing_from_the_offloaded_weights_is_named():
     layer._hf_hook = SimpleNamespace(hooks=[_Hook({PACKED: torch.zeros(2, 4, dtype=torch.uint8)})])
     before = dict(layer._buffers)
     missing = rf"^{LAYER}\.{SCALE} was not loaded \(on the meta device, and not among the offloaded weights\)$"
-    with pytest.raises(ValueError, match=missing), _onloaded(LAYER, layer):
+    with pytest.raises(ValueError, match=missing), onloaded(LAYER, layer):
         pass
     assert layer._buffers.keys() == before.keys()
     assert all(layer._buffers[name] is tensor for name, tensor in before.items())
@@ -153,9 +153,8 @@ def test_onloading_puts_the_layer_back_as_it_was():
     source = SplitQuantLinear(32, 4, False, spec=spec)
     layer = SplitQuantLinear(32, 4, False, spec=spec, device="meta")
     layer._hf_hook = _Hook({name: getattr(source, name) for name in stored_tensors(spec)})
-    with _onloaded(LAYER, layer):
-        layer.rebuild_ranges_()
-        assert not layer.weight_packed.is_meta and not layer.weight_scale.is_meta
+    with onloaded(LAYER, layer):
+        assert not layer.weight_packed.is_meta
+        assert all(torch.equal(a, b) for a, b in zip(layer.ranges(), source.ranges(), strict=True))
     assert set(layer._buffers) == set(stored_tensors(spec))
     assert all(buf.is_meta for buf in layer._buffers.values())
-    assert not hasattr(layer, "_ranges_from")

@@ -72,7 +72,7 @@ def test_a_reloaded_checkpoint_has_no_figures_and_logs_none(tiny_dirs, tmp_path,
 
 
 def test_exact_layers_count_as_no_noise():
-    from optimum_splitquant.nn.compact import QuantizationError
+    from optimum_splitquant.nn.quality import QuantizationError
     from optimum_splitquant.report import QualityReport
 
     report = QualityReport({"a": QuantizationError(100, 4.0, 0.0), "b": QuantizationError(300, 9.0, 0.09)})

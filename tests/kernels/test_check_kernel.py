@@ -12,7 +12,7 @@ from optimum_splitquant import kernels
 from optimum_splitquant.core import QuantSpec
 from optimum_splitquant.core.packing import pack_rows, packed_row_bytes, unpack_rows
 from optimum_splitquant.nn import SplitQuantLinear
-from optimum_splitquant.nn.compact import ids_in_range, validate_layers
+from optimum_splitquant.nn.validation import _ranges_ok, ids_in_range, validate_layers
 
 compiled = pytest.mark.skipif(not kernels.available(), reason="compiled kernels unavailable")
 
@@ -89,7 +89,7 @@ def test_range_verdicts_match_the_torch_path(edit, scale_dtype, dtype):
     layer = _layer(scale_dtype)
     with torch.no_grad():
         RANGE_EDITS[edit](layer.weight_scale, layer.weight_offset)
-    expected = OK if layer._ranges_ok(dtype) else BAD_RANGE
+    expected = OK if _ranges_ok(layer.weight_scale, layer.weight_offset, layer.spec, dtype) else BAD_RANGE
     assert check(layer.weight_packed, layer.weight_scale, layer.weight_offset, layer.spec, dtype) == expected
     if edit == "intact":
         assert expected == OK

@@ -110,7 +110,7 @@ def test_build_reports_a_compile_error(monkeypatch: pytest.MonkeyPatch, tmp_path
     empty.write_text("")
     monkeypatch.setenv(_build.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setattr(_build, "SOURCE", bad)
-    for name in ("KMEANS_SOURCE", "FIT_SOURCE", "KMEANS_DP_SOURCE", "CHECK_SOURCE"):
+    for name in ("KMEANS_SOURCE", "FIT_SOURCE", "KMEANS_DP_SOURCE", "CHECK_SOURCE", "RANGES_SOURCE"):
         monkeypatch.setattr(_build, name, empty)
     with pytest.raises(_build.KernelBuildError, match="compiling the kernels failed"):
         _build.build_library()

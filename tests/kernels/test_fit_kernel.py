@@ -9,7 +9,7 @@ import torch
 
 from optimum_splitquant import kernels
 from optimum_splitquant.core import QuantSpec
-from optimum_splitquant.core import quantize as quantize_module
+from optimum_splitquant.core import fit as fit_module
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="compiled kernels unavailable")
 
@@ -28,8 +28,8 @@ def start(spec: QuantSpec, lines: int, width: int, seed: int):
     lo = torch.full((lines, k), torch.inf).scatter_reduce_(1, ids, w, "amin")
     hi = torch.full((lines, k), -torch.inf).scatter_reduce_(1, ids, w, "amax")
     empty = torch.isinf(lo)
-    offset, scale = quantize_module._stored_range(lo.masked_fill(empty, 0), hi.masked_fill(empty, 0), spec)
-    codes = quantize_module._codes(w, offset.float().gather(1, ids), scale.float().gather(1, ids), spec)
+    offset, scale = fit_module.stored_range(lo.masked_fill(empty, 0), hi.masked_fill(empty, 0), spec)
+    codes = fit_module.grid_codes(w, offset.float().gather(1, ids), scale.float().gather(1, ids), spec)
     return w, ids, codes, offset, scale
 
 
@@ -46,9 +46,9 @@ def best_start_both_paths(w: torch.Tensor, ids: torch.Tensor, spec: QuantSpec, m
     hi = torch.full((w.shape[0], k), -torch.inf).scatter_reduce_(1, ids, w, "amax")
     empty = torch.isinf(lo)
     lo, hi = lo.masked_fill(empty, 0), hi.masked_fill(empty, 0)
-    native = quantize_module._fit_best_start(w, ids, lo, hi, spec)
+    native = fit_module.fit_best_start(w, ids, lo, hi, spec)
     monkeypatch.setattr(kernels, "available", lambda: False)
-    return native, quantize_module._fit_best_start(w, ids, lo, hi, spec)
+    return native, fit_module.fit_best_start(w, ids, lo, hi, spec)
 
 
 @pytest.mark.parametrize("bad", [5, -1])
@@ -129,9 +129,9 @@ def test_start_ranges_bit_identical_to_torch(dtype: torch.dtype, bits: int) -> N
     lo[:5], hi[:5] = 0.0, 0.0  # empty slots
     lo[5:10] = -hi[5:10].abs()  # ranges across zero
     spec = QuantSpec(bits, k, scale_dtype=dtype, fit="mse")
-    kept, spare = (list(t) for t in zip(*quantize_module.FIT_STARTS, strict=True))
+    kept, spare = (list(t) for t in zip(*fit_module.FIT_STARTS, strict=True))
     native = kernels.start_ranges(lo, hi, kept, spare, bits, dtype)
-    reference = quantize_module._start_ranges(lo, hi, spec)
+    reference = fit_module.start_ranges(lo, hi, spec)
     for a, b in zip(native, reference, strict=True):
         assert a.dtype == b.dtype == dtype and a.shape == (len(kept), 500, k)
         assert torch.equal(
@@ -179,8 +179,8 @@ def test_nearest_levels_kernel_bit_identical_to_torch(k: int, bits: int, monkeyp
     scale = (0.01 * torch.rand(37, k, generator=gen)).half().float()
     scale[::5, 0] = 0.0  # empty slots keep a zero scale
     w[0, :k] = offset[0]  # weights exactly on a level of every cluster: ties go to the lowest id
-    native = quantize_module._nearest_levels(w, offset, scale, spec)
+    native = fit_module.nearest_levels(w, offset, scale, spec)
     monkeypatch.setattr(kernels, "available", lambda: False)
-    reference = quantize_module._nearest_levels(w, offset, scale, spec)
+    reference = fit_module.nearest_levels(w, offset, scale, spec)
     for a, b in zip(native, reference, strict=True):
         assert a.dtype == b.dtype and torch.equal(a, b)

@@ -21,6 +21,8 @@ import pytest
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
+    from optimum_splitquant import SplitQuantConfig
+
 VLLM_MISSING = "vLLM is not installed: tests/vllm run in .venv-vllm (bash scripts/install_vllm.sh)"
 
 
@@ -69,13 +71,30 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[list[int]]]:
-    """A SplitQuant Llama saved by transformers (with its tokenizer), and its greedy tokens from transformers."""
+    """A SplitQuant Llama (:data:`TINY_SETTINGS`: coded ranges, 3 clusters) saved by transformers, and its
+    greedy tokens from transformers."""
+    from optimum_splitquant import SplitQuantConfig
+
+    return _tiny_llama(tmp_path_factory.mktemp("tiny_llama"), SplitQuantConfig(**TINY_SETTINGS))
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_budget(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[list[int]]]:
+    """The tiny Llama quantized with ``SplitQuantConfig.for_budget(4.5)`` (format 4: column scales on every
+    layer), saved by transformers, and its greedy tokens from transformers."""
+    from optimum_splitquant import SplitQuantConfig
+
+    config = SplitQuantConfig.for_budget(4.5)
+    assert config.column_scales and config.format_version == 4
+    return _tiny_llama(tmp_path_factory.mktemp("tiny_llama_budget"), config)
+
+
+def _tiny_llama(root: Path, quantization_config: SplitQuantConfig) -> tuple[Path, list[list[int]]]:
+    """The tiny Llama quantized with ``quantization_config`` and saved (with its tokenizer) under ``root``;
+    its folder and its greedy tokens from transformers."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from optimum_splitquant import SplitQuantConfig
-
-    root = tmp_path_factory.mktemp("tiny_llama")
     config = LlamaConfig(
         vocab_size=256,
         hidden_size=256,  # head_dim 64: vLLM's CPU attention has no kernel for head_dim 16
@@ -90,11 +109,14 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[lis
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(root / "float")
     quantized = AutoModelForCausalLM.from_pretrained(
-        root / "float", quantization_config=SplitQuantConfig(**TINY_SETTINGS), dtype=torch.float32
+        root / "float", quantization_config=quantization_config, dtype=torch.float32
     )
     quantized.save_pretrained(root / "splitquant")
     tiny_tokenizer().save_pretrained(root / "splitquant")
     reloaded = AutoModelForCausalLM.from_pretrained(root / "splitquant", dtype=torch.float32)
+    # As vLLM's ignore_eos: always TINY_MAX_TOKENS tokens, "</s>" included. generate() fills a generation
+    # config's unset fields from the model's own, so the model's loses its end-of-sequence token.
+    reloaded.generation_config.eos_token_id = None
     expected = []
     for prompt in TINY_PROMPTS:
         ids = torch.tensor([prompt])
@@ -102,6 +124,7 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[lis
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=TINY_MAX_TOKENS, do_sample=False
         )
         expected.append(out[0, len(prompt) :].tolist())
+    assert all(len(tokens) == TINY_MAX_TOKENS for tokens in expected), expected
     return root / "splitquant", expected
 
 

@@ -1,7 +1,8 @@
 """End to end: a tiny SplitQuant Llama saved by transformers, served by ``vllm.LLM``, same greedy tokens.
 
-The model (``tiny_llama`` of conftest.py: 4 attention heads, 2 KV heads, coded ranges with 3 clusters)
-is quantized and saved by transformers in a temporary folder; vLLM serves it in a subprocess (the CPU
+The model (conftest.py: 4 attention heads, 2 KV heads; ``tiny_llama`` with coded ranges and 3 clusters,
+``tiny_llama_budget`` with ``for_budget(4.5)``: format 4, column scales on every layer) is quantized
+and saved by transformers in a temporary folder; vLLM serves it in a subprocess (the CPU
 build needs its OpenMP runtime preloaded and spawns engine processes) with tensor parallel size 1 and 2. Each run is bounded
 by a timeout; the engine start dominates (about a minute on 2 cores).
 """
@@ -33,6 +34,18 @@ def _serve(model: Path, tp: int) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("tp", [1, 2], ids=["tp1", "tp2"])
-def test_vllm_serves_the_same_greedy_tokens(tiny_llama: tuple[Path, list[list[int]]], tp: int) -> None:
-    model, expected = tiny_llama
+@pytest.mark.parametrize("checkpoint", ["tiny_llama", "tiny_llama_budget"])
+def test_vllm_serves_the_same_greedy_tokens(request: pytest.FixtureRequest, checkpoint: str, tp: int) -> None:
+    model, expected = request.getfixturevalue(checkpoint)
     assert _serve(model, tp) == expected
+
+
+def test_headers_of_another_format_than_config_json_are_refused(tiny_llama: tuple[Path, list[list[int]]]) -> None:
+    """Coded ranges read differently in formats 2 and 3: config.json's version must be the headers' one."""
+    from optimum_splitquant.vllm.config import SplitQuantVllmConfig
+
+    settings = json.loads((tiny_llama[0] / "config.json").read_text())["quantization_config"]
+    assert settings["format_version"] == 3
+    config = SplitQuantVllmConfig.from_config({**settings, "format_version": 2})
+    with pytest.raises(ValueError, match=r"written in format 3 but config.json says format_version 2"):
+        config.maybe_update_config(str(tiny_llama[0]))
