@@ -20,7 +20,7 @@ from tiny import load, rewrite_weights, run
 from torch import nn
 
 import optimum_splitquant as osq
-from optimum_splitquant import SplitQuantConfig
+from optimum_splitquant import FORMAT_VERSION, SplitQuantConfig
 from optimum_splitquant.core import QuantSpec
 from optimum_splitquant.nn import SplitQuantLinear
 
@@ -164,8 +164,9 @@ def test_config_from_another_save(copy_of):
 
 
 def test_unknown_format_version(copy_of):
-    edit_config(copy_of, lambda c: c["quantization_config"].update(format_version=4))
-    expect_refused(copy_of, "format_version 4 was written by a newer optimum-splitquant")
+    newer = FORMAT_VERSION + 1
+    edit_config(copy_of, lambda c: c["quantization_config"].update(format_version=newer))
+    expect_refused(copy_of, f"format_version {newer} was written by a newer optimum-splitquant")
 
 
 def test_unknown_config_key(copy_of):
