@@ -109,7 +109,10 @@ def damage(path: Path, how: str) -> Path:
     return out
 
 
-@pytest.mark.parametrize("how", ["truncated", "garbage", "unhashed"])
+@pytest.mark.parametrize(
+    "how",
+    ["truncated", pytest.param("garbage", marks=pytest.mark.slow), pytest.param("unhashed", marks=pytest.mark.slow)],
+)  # each case rebuilds the library: one by default
 def test_damaged_library_is_rebuilt_not_loaded(how: str, fake_cache: Path, real_library: Path) -> None:
     built = _build.build_library()
     assert built.parent == fake_cache and built.read_bytes() == real_library.read_bytes()

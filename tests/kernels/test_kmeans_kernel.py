@@ -45,7 +45,7 @@ def assert_identical(a: KMeans1D, b: KMeans1D, what: str) -> None:
         assert torch.equal(getattr(a, field), getattr(b, field)), f"{what}: {field} differs"
 
 
-@pytest.mark.parametrize("k", [3, 4], ids=lambda k: f"k{k}")
+@pytest.mark.parametrize("k", [3, pytest.param(4, marks=pytest.mark.slow)], ids=lambda k: f"k{k}")
 def test_real_minilm_weights_bit_identical(k: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every MiniLM linear weight: the same centres, boundaries, counts and inertia, bit for bit."""
     for name, w in minilm_linear_weights().items():
