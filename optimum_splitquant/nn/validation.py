@@ -80,12 +80,17 @@ def validate_layers(layers: dict[str, SplitQuantModule], dtype: torch.dtype | No
     """
     dtype = dtype or torch.float32
     verdicts: dict[str, int] = {}
+    column_errors: dict[str, ValueError] = {}
     batch: dict[str, tuple] = {}
     held = 0
     on_cpu = [name for name, layer in layers.items() if layer.weight_packed.device.type == "cpu"]
     for i, name in enumerate(on_cpu):
         layer = layers[name]
         scale, offset = layer.ranges()
+        try:  # while the ranges are decoded: a coded layer's are not decoded again
+            _check_column_scale(layer.column_scale(), scale, offset, layer.spec, dtype)
+        except ValueError as exc:
+            column_errors[name] = exc
         batch[name] = (layer.weight_packed, scale, offset, layer.spec)
         held += (scale.numel() + offset.numel()) * scale.element_size() if layer.coded else 0
         if held >= _VERDICT_BATCH_BYTES or i == len(on_cpu) - 1:
@@ -98,8 +103,8 @@ def validate_layers(layers: dict[str, SplitQuantModule], dtype: torch.dtype | No
         try:
             if verdicts.get(name) != 0:
                 check_layer(layer, dtype)
-            elif layer.column_scale() is not None:
-                _check_column_scale(layer.column_scale(), *layer.ranges(), layer.spec, dtype)
+            elif name in column_errors:
+                raise column_errors[name]
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
 
