@@ -184,7 +184,7 @@ def fit_coded(
     coded = encode_ranges(scale, offset, spec)
     if spec.signed_offsets:
         candidates = [coded, *code_variants(coded, spec)]
-        errors = torch.cat([_line_error(w, *decode_ranges(c, spec), spec) for c in candidates], 1)
+        errors = _line_errors(w, [decode_ranges(c, spec) for c in candidates], spec)
         best = errors.argmin(1, keepdim=True)  # the first of equal errors: the nearest codes first
         pick = lambda name: torch.stack([getattr(c, name) for c in candidates], 1).gather(  # noqa: E731
             1, best.unsqueeze(2).expand(-1, 1, coded.scale_codes.shape[1])
@@ -193,6 +193,38 @@ def fit_coded(
     scale, offset = decode_ranges(coded, spec)
     ids, codes = nearest_levels(w, offset.float(), scale.float(), spec)
     return ids, codes, offset, scale, coded
+
+
+_ERROR_CHUNK = 1 << 18
+"""Elements (weights times candidates) per chunk of :func:`_line_errors`: its two float32 work buffers
+stay in cache and are reused, instead of a fresh full-size temporary per operation and candidate."""
+
+
+def _line_errors(w: torch.Tensor, ranges: list[tuple[torch.Tensor, torch.Tensor]], spec: QuantSpec) -> torch.Tensor:
+    """``(lines, candidates)`` :func:`_line_error` of each line of ``w`` for every ``(scale, offset)`` of ``ranges``.
+
+    With one cluster every candidate's codes, levels and squared errors are computed by the same float32
+    operations as :func:`grid_codes` and :func:`_line_error` (the same bits: a code of an empty range is
+    multiplied by its zero scale), in chunks of lines held in two reused buffers.
+    """
+    if spec.num_clusters > 1:
+        return torch.cat([_line_error(w, scale, offset, spec) for scale, offset in ranges], 1)
+    lines, g = w.shape
+    scale = torch.stack([s.float().view(-1) for s, _ in ranges])  # (candidates, lines)
+    offset = torch.stack([o.float().view(-1) for _, o in ranges])
+    divisor = torch.where(scale > 0, scale, 1.0)
+    errors = torch.empty_like(scale)
+    step = max(1, _ERROR_CHUNK // max(g * len(ranges), 1))
+    diff = torch.empty(len(ranges), min(step, lines), g, device=w.device)
+    level = torch.empty_like(diff)
+    for l0 in range(0, lines, step):
+        l1 = min(l0 + step, lines)
+        d, q = diff[:, : l1 - l0], level[:, : l1 - l0]
+        torch.sub(w[l0:l1], offset[:, l0:l1, None], out=d)
+        torch.div(d, divisor[:, l0:l1, None], out=q)
+        q.round_().clamp_(0, spec.levels - 1).mul_(scale[:, l0:l1, None])
+        torch.sum(d.sub_(q).square_(), 2, out=errors[:, l0:l1])
+    return errors.t().contiguous()  # laid out as the candidates' columns side by side: a fast argmin
 
 
 def _line_error(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

@@ -48,17 +48,19 @@ def pack_rows(symbols: torch.Tensor, width: int) -> torch.Tensor:
         raise TypeError(f"pack_rows expects an integer tensor, got {symbols.dtype}")
     rows, n = symbols.shape
     # Range check before the int32 cast, which would wrap int64 values >= 2**31 into range.
-    if symbols.numel() and (int(symbols.min()) < 0 or int(symbols.max()) >= 1 << width):
+    if symbols.numel() and not _in_range(symbols, width):
         raise ValueError(f"symbols must lie in [0, {(1 << width) - 1}] for width {width}")
     sym = symbols.to(torch.int32)
     padded = -(-n // 8) * 8
     if padded != n:
         sym = torch.nn.functional.pad(sym, (0, padded - n))
-    if width in _FAST_WIDTHS:
+    if width in _FAST_WIDTHS:  # the symbols of a byte ORed in one at a time (disjoint fields)
         per_byte = 8 // width
         parts = sym.view(rows, padded // per_byte, per_byte)
-        shifts = torch.arange(per_byte, dtype=torch.int32, device=sym.device) * width
-        return (parts << shifts).sum(-1, dtype=torch.int32).to(torch.uint8)
+        packed = parts[..., 0].to(torch.uint8, memory_format=torch.contiguous_format)
+        for s in range(1, per_byte):
+            packed.bitwise_or_(parts[..., s].to(torch.uint8) << s * width)
+        return packed
     if width < 8 and sys.byteorder == "little":
         return _pack_words(sym, width)
     groups = sym.view(rows, padded // 8, 8, 1)
@@ -100,8 +102,10 @@ def _pack_words(sym: torch.Tensor, width: int) -> torch.Tensor:
     ``[s * width, (s + 1) * width)``), whose low ``width`` bytes are the run's packed bytes."""
     rows, padded = sym.shape
     runs = padded // 8
-    shifts = torch.arange(8, dtype=torch.int64, device=sym.device) * width
-    words = (sym.view(rows, runs, 8).to(torch.int64) << shifts).sum(-1)  # disjoint fields: the sum is an OR
+    parts = sym.view(rows, runs, 8)
+    words = parts[..., 0].to(torch.int64, memory_format=torch.contiguous_format)
+    for s in range(1, 8):  # disjoint fields, ORed in one symbol of each run at a time
+        words.bitwise_or_(parts[..., s].to(torch.int64) << s * width)
     return words.view(torch.uint8).view(rows, runs, 8)[:, :, :width].reshape(rows, runs * width)
 
 
@@ -115,6 +119,12 @@ def _unpack_words(packed: torch.Tensor, width: int, n: int) -> torch.Tensor:
     shifts = torch.arange(8, dtype=torch.int64, device=packed.device) * width
     sym = (word >> shifts) & ((1 << width) - 1)
     return sym.reshape(rows, runs * 8)[:, :n].contiguous()
+
+
+def _in_range(symbols: torch.Tensor, width: int) -> bool:
+    """Whether every symbol lies in ``[0, 2**width)`` (read before any cast, which could wrap them)."""
+    lo, hi = torch.aminmax(symbols)
+    return int(lo) >= 0 and int(hi) < 1 << width
 
 
 def _check_width(width: int) -> None:

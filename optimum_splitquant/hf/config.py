@@ -122,7 +122,9 @@ class SplitQuantConfig(QuantizationConfigMixin):
             (1 to 65536; a block longer than a layer's lines is one block of all of them).
         column_scales: ``True`` stores one ``scale_dtype`` scale per input column and quantizes each
             column divided by it (format 4; layers of fewer than 32 rows store none): columns of very
-            different magnitudes share each row's ranges better, for 16 / rows bits per weight.
+            different magnitudes share each row's ranges better, for 16 / rows bits per weight. With
+            4 or more bits, a layer rebuilt better without them (weights already on a 4-bit grid)
+            stores ones.
         modules_to_not_convert: module names kept in float (a list, tuple or set of strings). ``None`` keeps the task head
             (classifier / lm_head / tied output embeddings) in float; the resolved list is written
             back here when a model is quantized. ``[]`` quantizes every eligible layer.

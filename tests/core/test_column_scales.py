@@ -86,6 +86,22 @@ def test_weights_on_a_row_grid_keep_it_and_store_unit_scales() -> None:
     assert torch.equal(q.packed, plain.packed) and torch.equal(q.range_codes, plain.range_codes)
 
 
+def test_a_grid_finer_than_the_codes_keeps_its_column_scales(monkeypatch: pytest.MonkeyPatch) -> None:
+    """3-bit codes cannot hold a 16-level grid either way: the layer keeps its scales without a trial (the
+    trial, run on it, would store ones)."""
+    from optimum_splitquant.core import quantize as quantize_module
+
+    torch.manual_seed(2)
+    steps = torch.rand(256, 4, 1) * 0.02 + 0.005
+    grid = (torch.randint(0, 16, (256, 4, 32)) * steps - 8 * steps).reshape(256, 128)
+    spec = QuantSpec(**{**CODED.__dict__, "bits": 3})
+    q = quantize_weight(grid, spec)
+    assert torch.equal(q.column_scale, column_scales(grid, spec))
+    assert not torch.equal(q.column_scale, torch.ones_like(q.column_scale))
+    monkeypatch.setattr(quantize_module, "COLUMN_SCALE_TRIAL_BITS", 3)
+    assert torch.equal(quantize_weight(grid, spec).column_scale, torch.ones(128, dtype=torch.float16))
+
+
 def test_true_float_minilm_layers_all_take_their_column_scales() -> None:
     for name, w in list(minilm_linear_weights().items())[:6]:
         q = quantize_weight(w, CODED)
