@@ -126,6 +126,7 @@ def test_no_command_shows_the_help(capsys):
 # ---- the installed optimum-cli ----------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a second optimum-cli process; the quantize case below runs the same entry point
 def test_optimum_cli_splitquant_help(tmp_path):
     proc = _optimum_cli("splitquant", "--help", cwd=tmp_path)
     assert proc.returncode == 0, f"{REINSTALL}\n{proc.stderr}"

@@ -102,6 +102,7 @@ def test_load_without_import_matches_in_process_load(saved, tiny_dirs, tmp_path)
     assert torch.equal(load_file(str(result))["out"], expected)
 
 
+@pytest.mark.slow  # a fresh process; test_opt_out_values checks the switch in process
 def test_opt_out_gives_transformers_plain_behaviour(saved, tmp_path):
     folder, _, _ = saved
     proc = _child(

@@ -93,6 +93,7 @@ def _reference_loglikelihoods(folder: Path) -> list[float]:
     return out
 
 
+@pytest.mark.slow  # runs lm_eval in a fresh process: about a minute
 def test_lm_eval_scores_a_saved_folder_without_importing_the_package(folders, tmp_path):
     float_folder, folder = folders
     assert json.loads((folder / "config.json").read_text())["quantization_config"]["quant_method"] == QUANT_METHOD
