@@ -333,6 +333,40 @@ def nf4_methods() -> list[Method]:
     return [Method(f"NF4 b{b}", "bitsandbytes NF4", "nf4", 4, 1, b) for b in sorted(NF4_BLOCKS, reverse=True)]
 
 
+#: The (bits, group_size, range_bits, range_block) candidates measured for SplitQuantConfig.for_budget's table
+#: (one cluster, fit="mse", column scales; benchmarks/results/budget_table.md); comments: bits on layers of 512.
+BUDGET_CANDIDATES: tuple[tuple[int, int, int, int], ...] = (
+    (3, 32, 6, 16),  # 3.47
+    (3, 32, 7, 32),  # 3.50
+    (3, 16, 6, 16),  # 3.91
+    (3, 16, 7, 32),  # 3.97
+    (4, 64, 6, 16),  # 4.25
+    (4, 64, 6, 32),  # 4.23
+    (4, 32, 6, 16),  # 4.47
+    (4, 32, 7, 32),  # 4.50
+    (4, 32, 7, 16),  # 4.53
+    (4, 32, 8, 16),  # 4.59
+    (4, 16, 6, 32),  # 4.84
+    (4, 16, 6, 16),  # 4.91
+    (4, 16, 7, 32),  # 4.97
+    (5, 64, 6, 16),  # 5.25
+    (5, 32, 6, 16),  # 5.47
+    (5, 32, 7, 16),  # 5.53
+    (5, 32, 8, 16),  # 5.59
+    (5, 16, 6, 32),  # 5.84
+    (5, 16, 6, 16),  # 5.91
+    (5, 16, 7, 32),  # 5.97
+)
+
+
+def budget_candidate_methods() -> list[Method]:
+    """The configurations weighed for ``for_budget``'s table (:data:`BUDGET_CANDIDATES`)."""
+    return [
+        splitquant_method(b, 1, g, "mse", range_bits=r, range_block=block, column_scales=True)
+        for b, g, r, block in BUDGET_CANDIDATES
+    ]
+
+
 def anchor_methods() -> list[Method]:
     """The anchors that need optional libraries: SINQ and bitsandbytes NF4, ordered by bits."""
     return sinq_methods() + nf4_methods()
@@ -378,6 +412,7 @@ METHOD_SETS: dict[str, Callable[[], list[Method]]] = {
     "frontier-full": lambda: frontier_methods(full=True),
     "anchors": anchor_methods,
     "frontier-anchors": frontier_anchor_methods,
+    "budget-candidates": budget_candidate_methods,
     "quick": quick_methods,
 }
 

@@ -132,8 +132,8 @@ def test_budget_is_for_budget(budget):
 
 
 def test_budget_replaces_five_flags():
-    flags = ["--bits", "4", "--num-clusters", "1", "--group-size", "32", "--fit", "mse", "--range-bits", "6"]
-    flags += ["--range-block", "16", "--column-scales"]
+    flags = ["--bits", "4", "--num-clusters", "1", "--group-size", "32", "--fit", "mse", "--range-bits", "7"]
+    flags += ["--range-block", "32", "--column-scales"]
     assert _resolved(*flags) == _resolved("--budget", "4.5") == SplitQuantConfig.for_budget(4.5)
     assert _resolved("--budget", "4.5", "--no-column-scales") == SplitQuantConfig.for_budget(4.5, column_scales=False)
 
@@ -146,7 +146,7 @@ def test_bits_alone_keeps_the_config_defaults():
 
 
 def test_budget_settings_override_its_fields():
-    assert _resolved("--budget", "4.5", "--range-block", "16") == SplitQuantConfig.for_budget(4.5, range_block=16)
+    assert _resolved("--budget", "4.5", "--range-block", "64") == SplitQuantConfig.for_budget(4.5, range_block=64)
     assert _resolved("--budget", "5", "--clustering", "channel") == SplitQuantConfig.for_budget(5, clustering="channel")
 
 
@@ -166,22 +166,22 @@ def test_bits_or_budget_exactly_one(argv, capsys):
 
 def test_quantize_with_a_budget(tiny_base, tmp_path, capsys):
     out = tmp_path / "q"
-    assert commands.main(["quantize", tiny_base, "--budget", "4.5", "--range-block", "16", "--output", str(out)]) == 0
+    assert commands.main(["quantize", tiny_base, "--budget", "4.5", "--range-block", "64", "--output", str(out)]) == 0
     saved = json.loads((out / "config.json").read_text())["quantization_config"]
-    expected = SplitQuantConfig.for_budget(4.5, range_block=16).to_dict()
+    expected = SplitQuantConfig.for_budget(4.5, range_block=64).to_dict()
     assert {k: v for k, v in saved.items() if k != "modules_to_not_convert"} == {
         k: v for k, v in expected.items() if k != "modules_to_not_convert"
     }
     stdout = capsys.readouterr().out
-    assert "budget     4.5 bits per weight asked for: SplitQuantConfig.for_budget(4.5, range_block=16)" in stdout
-    assert "settings   bits=4, num_clusters=1, group_size=32, clustering='tensor', fit='mse', range_bits=6," in stdout
+    assert "budget     4.5 bits per weight asked for: SplitQuantConfig.for_budget(4.5, range_block=64)" in stdout
+    assert "settings   bits=4, num_clusters=1, group_size=32, clustering='tensor', fit='mse', range_bits=7," in stdout
     card = (out / "README.md").read_text()
     assert "| bits budget asked for | 4.5 stored bits per weight on layers of 512 inputs and outputs" in card
-    assert "`SplitQuantConfig.for_budget(4.5, range_block=16)`" in card
-    assert "| coded ranges | 6-bit codes, steps shared by 16 ranges |" in card
+    assert "`SplitQuantConfig.for_budget(4.5, range_block=64)`" in card
+    assert "| coded ranges | 7-bit codes, steps shared by 64 ranges |" in card
     assert "| code bits per weight | 4 |" in card and "group of 32 input columns" in card
     block = ModelCard.load(out / "README.md").data.to_dict()["splitquant"]
-    assert block["budget_bits_per_weight"] == 4.5 and block["budget_overrides"] == {"range_block": 16}
+    assert block["budget_bits_per_weight"] == 4.5 and block["budget_overrides"] == {"range_block": 64}
     assert block["quantization_config"] == saved
 
 
@@ -253,10 +253,10 @@ def test_evaluate_a_float_classifier(tiny_classifier, capsys):
         (["quantize", "{base}", "--bits", "2", "--range-bits", "6"], "range_bits=6 needs fit='mse'"),
         (["quantize", "{base}", "--budget", "3"], "--budget 3.0: no SplitQuant configuration fits in 3.0 bits"),
         (["quantize", "{base}", "--budget", "nan"], "--budget nan: bits_per_weight must be finite"),
-        (["quantize", "{base}", "--budget", "4.5", "--fit", "minmax"], "range_bits=6 needs fit='mse'"),
+        (["quantize", "{base}", "--budget", "4.5", "--fit", "minmax"], "range_bits=7 needs fit='mse'"),
         (
             ["quantize", "{base}", "--budget", "4.5", "--group-size", "16"],
-            "--budget 4.5 with --group-size 16 stores 4.906 bits per weight (layers of 512 inputs and outputs), over the "
+            "--budget 4.5 with --group-size 16 stores 4.969 bits per weight (layers of 512 inputs and outputs), over the "
             "budget",
         ),
         (["quantize", "{quantized}", "--bits", "2"], "is already quantized"),
@@ -312,6 +312,7 @@ def test_verbose_shows_the_traceback(tmp_path):
         commands.main(["quantize", "/no/such/model", "--bits", "2", "--output", str(tmp_path / "o"), "--verbose"])
 
 
+@pytest.mark.slow  # a fresh process (~9 s); the in-process tests above check the same messages
 def test_error_in_a_fresh_process_has_no_traceback(tmp_path):
     cmd = [sys.executable, "-m", "optimum_splitquant.cli", "quantize", str(tmp_path / "missing"), "--bits", "2"]
     proc = subprocess.run([*cmd, "--output", str(tmp_path / "o")], capture_output=True, text=True, check=False)

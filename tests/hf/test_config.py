@@ -6,11 +6,14 @@ import json
 
 import pytest
 import torch
-from transformers import AutoConfig, BertConfig
+from torch import nn
+from transformers import AutoConfig, BertConfig, PreTrainedModel
 from transformers.quantizers.auto import AutoQuantizationConfig
 
 from optimum_splitquant import FORMAT_VERSION, SplitQuantConfig
 from optimum_splitquant.core import QuantSpec
+from optimum_splitquant.hf.config import BUDGET_WIDTH
+from optimum_splitquant.nn import SplitQuantLinear
 
 
 def test_defaults_and_spec():
@@ -129,6 +132,23 @@ def test_for_budget_gives_more_bits_to_larger_budgets_and_takes_overrides():
     assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
     kept = SplitQuantConfig.for_budget(4.25, modules_to_not_convert=["classifier"])
     assert kept.modules_to_not_convert == ["classifier"]
+
+
+@pytest.mark.parametrize("budget", [3.5, 4.0, 4.25, 4.5, 5.0, 6.0])
+@pytest.mark.parametrize("loaded", [False, True], ids=["quantized", "loaded"])
+def test_for_budget_holds_in_memory_what_it_stores(budget: float, loaded: bool) -> None:
+    # get_memory_footprint counts parameters and buffers: coded ranges stay coded, nothing decoded is kept.
+    spec = SplitQuantConfig.for_budget(budget).to_spec()
+    torch.manual_seed(0)
+    layer = SplitQuantLinear.from_float(nn.Linear(BUDGET_WIDTH, BUDGET_WIDTH, bias=False), spec)
+    if loaded:
+        again = SplitQuantLinear(BUDGET_WIDTH, BUDGET_WIDTH, bias=False, spec=spec)
+        again.load_state_dict(layer.state_dict())
+        layer = again
+    layer(torch.randn(2, BUDGET_WIDTH))  # a forward pass caches nothing either
+    in_memory = PreTrainedModel.get_memory_footprint(layer) * 8 / BUDGET_WIDTH**2
+    assert layer.effective_bits() <= budget
+    assert in_memory <= layer.effective_bits() + 0.1, (budget, in_memory, layer.effective_bits())
 
 
 @pytest.mark.parametrize(

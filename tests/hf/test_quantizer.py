@@ -64,11 +64,10 @@ def test_gpt2_conv1d_layers_are_quantized(tiny_dirs):
     assert isinstance(twin.transformer.h[0].attn.c_attn, Conv1D)
 
 
-# A fresh process costs ~9 s here; the in-process reload tests cover every architecture by default.
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param("bert-seqcls", marks=pytest.mark.slow), pytest.param("gpt2-lm", marks=pytest.mark.slow), "llama-lm"],
-)
+# A fresh process costs ~9 s here; the in-process reload tests cover every architecture by default, and
+# tests/hf/test_autoload.py reloads bit for bit in a fresh process that never imports the package.
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["bert-seqcls", "gpt2-lm", "llama-lm"])
 def test_save_reload_in_fresh_process_bit_identical(name, tiny_dirs, sample_inputs, tmp_path):
     model = load(name, tiny_dirs[name], quantization_config=SplitQuantConfig(bits=3, group_size=16))
     expected = run(model, sample_inputs)
@@ -136,6 +135,33 @@ def test_a_reloaded_checkpoint_saves_the_same_tensors(tiny_dirs, tmp_path, dtype
     assert quantized and set(first) == set(second)
     for key in quantized:
         assert first[key].dtype == second[key].dtype and torch.equal(first[key], second[key]), key
+
+
+@pytest.fixture(scope="module")
+def wide_llama(tmp_path_factory) -> Path:
+    """A one-layer random Llama wide enough for every ``for_budget`` group size (128 inputs, 256 MLP)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )  # fmt: skip
+    folder = tmp_path_factory.mktemp("wide_llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("budget", [3.5, 4.0, 4.25, 4.5, 5.0, 6.0])
+def test_every_for_budget_configuration_reloads_bit_identically(budget, wide_llama, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(wide_llama, quantization_config=SplitQuantConfig.for_budget(budget))
+    assert quantized_layers(model)
+    ids = torch.arange(24).view(2, 12)
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert again.config.quantization_config == model.config.quantization_config
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
 
 
 def test_a_copied_layer_conversion_collects_on_its_own():

@@ -110,7 +110,7 @@ def test_dynamic_programme_layers_same_cuts(name: str, k: int, monkeypatch: pyte
     assert torch.equal(compiled, dp._dc_cuts(s, k)), f"{name}, k={k}: the cuts differ"
 
 
-@pytest.mark.parametrize("k", [10, 16], ids=lambda k: f"k{k}")
+@pytest.mark.parametrize("k", [10, pytest.param(16, marks=pytest.mark.slow)], ids=lambda k: f"k{k}")  # 16: -m slow
 def test_many_clusters_on_a_real_weight_bit_identical(k: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Per tensor and per row (the dynamic programme): every field the same with the kernels on and off."""
     w = next(t for t in minilm_linear_weights().values() if t.numel() >= 1 << 18)
