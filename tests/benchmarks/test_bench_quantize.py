@@ -22,4 +22,4 @@ def test_bench_times_every_budget_against_its_hqq_configs() -> None:
     for row in r["rows"]:
         assert row["splitquant_s"] > 0 and row["hqq_s"] > 0
         assert row["hqq_over_splitquant"] > 0 and row["splitquant_mweights_per_s"] > 0
-    assert r["rows"][0]["splitquant"] == "INT3 k=1 g32 mse r6"
+    assert r["rows"][0]["splitquant"] == "INT3 k=1 g32 mse r7"
