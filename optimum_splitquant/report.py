@@ -89,17 +89,17 @@ configuration          all-MiniLM-L6-v2            SmolLM2-135M
 ``bits=2`` (k = 3)     13.0 dB, cosine 0.812       13.5 dB, perplexity 251.7
 ``bits=3`` (k = 3)     20.0 dB, 0.967              20.8 dB, 31.2
 ``bits=4`` (k = 3)     26.6 dB, 0.992              27.3 dB, 26.2
-``for_budget(3.5)``    16.4 dB, 0.892              17.1 dB, 70.4
-``for_budget(4.0)``    18.3 dB, 0.921              18.5 dB, 47.2
-``for_budget(4.25)``   21.2 dB, 0.960              23.3 dB, 29.95
-``for_budget(4.5)``    22.7 dB, 0.971              35.2 dB, 25.31
-``for_budget(5.0)``    22.8 dB, 0.973              exact (inf), 24.89
-``for_budget(6.0)``    29.1 dB, 0.993              exact (inf), 24.89
+``for_budget(3.5)``    16.6 dB, 0.923              16.9 dB, 59.5
+``for_budget(4.0)``    18.4 dB, 0.947              18.5 dB, 39.8
+``for_budget(4.25)``   21.5 dB, 0.973              23.2 dB, 29.96
+``for_budget(4.5)``    22.9 dB, 0.982              39.5 dB, 24.78
+``for_budget(5.0)``    23.0 dB, 0.982              46.3 dB, 24.89
+``for_budget(6.0)``    29.3 dB, 0.995              46.3 dB, 24.89
 =====================  ==========================  ============================
 
 The paper's INT2 with k = 3 is the one below the floor on both models (it generates garbage on
-SmolLM2); every ``for_budget`` configuration is above it, the nearest by 1.4 dB (MiniLM, 3.5 bits).
-(SmolLM2's weights come from a 4-bit GGUF grid, which grids aligned to its blocks hold exactly.)
+SmolLM2); every ``for_budget`` configuration is above it, the nearest by 1.6 dB (MiniLM, 3.5 bits).
+(SmolLM2's weights come from a 4-bit GGUF grid, which grids aligned to its blocks hold nearly exactly.)
 """
 
 
