@@ -139,29 +139,22 @@ def test_a_reloaded_checkpoint_saves_the_same_tensors(tiny_dirs, tmp_path, dtype
 
 @pytest.fixture(scope="module")
 def wide_llama(tmp_path_factory) -> Path:
-    """A one-layer random Llama wide enough for every ``for_budget`` group size (128 inputs, 256 MLP)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    """The tiny Llama, one layer wide enough for every ``for_budget`` group size (128 inputs, 256 in the MLP)."""
+    auto, make_config = TINY["llama-lm"]
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
-    )  # fmt: skip
     folder = tmp_path_factory.mktemp("wide_llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
+    auto.from_config(make_config(hidden_size=128, intermediate_size=256, num_hidden_layers=1)).save_pretrained(folder)
     return folder
 
 
 @pytest.mark.parametrize("budget", [3.5, 4.0, 4.25, 4.5, 5.0, 6.0])
-def test_every_for_budget_configuration_reloads_bit_identically(budget, wide_llama, tmp_path):
-    model = AutoModelForCausalLM.from_pretrained(wide_llama, quantization_config=SplitQuantConfig.for_budget(budget))
+def test_every_for_budget_configuration_reloads_bit_identically(budget, wide_llama, sample_inputs, tmp_path):
+    model = load("llama-lm", wide_llama, quantization_config=SplitQuantConfig.for_budget(budget))
     assert quantized_layers(model)
-    ids = torch.arange(24).view(2, 12)
     model.save_pretrained(tmp_path)
-    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    again = load("llama-lm", tmp_path)
     assert again.config.quantization_config == model.config.quantization_config
-    with torch.no_grad():
-        assert torch.equal(again(ids).logits, model(ids).logits)
+    assert torch.equal(run(again, sample_inputs), run(model, sample_inputs))
 
 
 def test_a_copied_layer_conversion_collects_on_its_own():

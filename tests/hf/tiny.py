@@ -39,12 +39,12 @@ def _gpt2() -> GPT2Config:
     )
 
 
-def _llama() -> LlamaConfig:
+def _llama(hidden_size: int = 32, intermediate_size: int = 64, num_hidden_layers: int = 2) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
         num_attention_heads=2,
         num_key_value_heads=1,
         max_position_embeddings=128,
