@@ -6,12 +6,16 @@ compact storage of per-example predictions (:func:`digits`).
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
 from benchmarks.tables import BUDGETS, budget_table, fmt_value, scored
 
-__all__ = ["digits", "mcnemar_p", "paired_markdown", "paired_table"]
+__all__ = ["ANCHOR_FAMILIES", "digits", "mcnemar_p", "paired_markdown", "paired_table"]
+
+ANCHOR_FAMILIES = ("HQQ", "SINQ", "bitsandbytes NF4")
+"""The calibration-free anchors ``for_budget`` is compared with, example by example (their method families)."""
 
 
 def digits(classes: list[int]) -> str:
@@ -36,16 +40,21 @@ def mcnemar_p(only_a: int, only_b: int) -> float:
 
 
 def paired_table(
-    result: dict[str, Any], budgets: tuple[float, ...] | list[float] | None = None, anchor: str = "HQQ"
+    result: dict[str, Any],
+    budgets: tuple[float, ...] | list[float] | None = None,
+    anchors: str | tuple[str, ...] = ANCHOR_FAMILIES,
 ) -> dict[str, Any]:
     """Example by example, on every classification task (one with ``labels`` and per-row ``predictions``):
-    per budget, ``SplitQuantConfig.for_budget(b)``'s config (``result["for_budget"]``) against the ``anchor``
-    family's best config within ``b`` (the best-at-budget table). Per pair: both accuracies, the examples only
-    one of them gets right, the exact McNemar p-value, and each one's agreement with FP32's predictions."""
+    per budget, ``SplitQuantConfig.for_budget(b)``'s config (``result["for_budget"]``) against each ``anchors``
+    family's best config within ``b`` (the best-at-budget table), one entry per task and family measured. Per
+    pair: both accuracies, the examples only one of them gets right, the exact McNemar p-value, and each one's
+    agreement with FP32's predictions."""
     table = budget_table(result, budgets or (result.get("budget_table") or {}).get("budgets") or BUDGETS)
     names = result.get("for_budget") or {}
     tasks = []
-    for task, best in zip(result["tasks"], table["tasks"], strict=True):
+    for (task, best), anchor in itertools.product(
+        zip(result["tasks"], table["tasks"], strict=True), (anchors,) if isinstance(anchors, str) else anchors
+    ):
         labels = task.get("labels")
         if not labels:
             continue
@@ -91,9 +100,9 @@ def paired_table(
 def paired_markdown(table: dict[str, Any]) -> str:
     """The example-by-example comparison (from :func:`paired_table`) as Markdown, one table per task."""
     lines = [
-        "## for_budget against the anchor, example by example",
+        "## for_budget against the anchors, example by example",
         "",
-        "Per budget: `SplitQuantConfig.for_budget(b)`'s config against the anchor's best config within the "
+        "Per budget: `SplitQuantConfig.for_budget(b)`'s config against each anchor's best config within the "
         "budget, on the same examples. only ours / only anchor: examples only that one classifies right. "
         "p: two-sided exact McNemar test (the binomial test on those examples); a small p (say < 0.05) means a "
         "real difference, a large one a difference within what chance gives. agree with FP32: share of "
@@ -101,7 +110,7 @@ def paired_markdown(table: dict[str, Any]) -> str:
     ]
     for task in table["tasks"]:
         anchor = task["anchor"]
-        lines += ["", f"### {task['model']}: accuracy, {task['pairs'][0]['examples']} examples", ""]
+        lines += ["", f"### {task['model']}: accuracy, {task['pairs'][0]['examples']} examples, against {anchor}", ""]
         lines += [
             f"| budget | for_budget config | accuracy | best {anchor} | accuracy | only ours | only {anchor} | p | "
             f"agree with FP32 (ours / {anchor}) |",

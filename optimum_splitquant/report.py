@@ -89,12 +89,12 @@ configuration          all-MiniLM-L6-v2            SmolLM2-135M
 ``bits=2`` (k = 3)     13.0 dB, cosine 0.812       13.5 dB, perplexity 251.7
 ``bits=3`` (k = 3)     20.0 dB, 0.967              20.8 dB, 31.2
 ``bits=4`` (k = 3)     26.6 dB, 0.992              27.3 dB, 26.2
-``for_budget(3.5)``    16.6 dB, 0.923              16.9 dB, 59.5
-``for_budget(4.0)``    18.4 dB, 0.947              18.5 dB, 39.8
-``for_budget(4.25)``   21.5 dB, 0.973              23.2 dB, 29.96
-``for_budget(4.5)``    22.9 dB, 0.982              39.5 dB, 24.78
+``for_budget(3.5)``    16.6 dB, 0.923              17.0 dB, 56.8
+``for_budget(4.0)``    18.5 dB, 0.952              18.6 dB, 38.4
+``for_budget(4.25)``   21.5 dB, 0.974              23.2 dB, 29.88
+``for_budget(4.5)``    23.0 dB, 0.982              39.5 dB, 24.78
 ``for_budget(5.0)``    23.0 dB, 0.982              46.3 dB, 24.89
-``for_budget(6.0)``    29.3 dB, 0.995              46.3 dB, 24.89
+``for_budget(6.0)``    29.3 dB, 0.996              46.3 dB, 24.89
 =====================  ==========================  ============================
 
 The paper's INT2 with k = 3 is the one below the floor on both models (it generates garbage on

@@ -196,44 +196,58 @@ def fit_coded(
 
 
 _ERROR_CHUNK = 1 << 18
-"""Elements (weights times candidates) per chunk of :func:`_line_errors`: its two float32 work buffers
-stay in cache and are reused, instead of a fresh full-size temporary per operation and candidate."""
+"""Elements (weights times candidates) per chunk of :func:`_line_errors`' torch path: its work buffers (two
+float32, one float64) stay in cache and are reused, instead of a fresh full-size temporary per operation and
+candidate."""
 
 
 def _line_errors(w: torch.Tensor, ranges: list[tuple[torch.Tensor, torch.Tensor]], spec: QuantSpec) -> torch.Tensor:
-    """``(lines, candidates)`` :func:`_line_error` of each line of ``w`` for every ``(scale, offset)`` of ``ranges``.
+    """``(lines, candidates)`` float64 :func:`_line_error` of each line of ``w`` for each range of ``ranges``.
 
-    With one cluster every candidate's codes, levels and squared errors are computed by the same float32
-    operations as :func:`grid_codes` and :func:`_line_error` (the same bits: a code of an empty range is
-    multiplied by its zero scale), in chunks of lines held in two reused buffers.
+    With one cluster every candidate's codes, levels and errors are computed by the same float32 operations
+    as :func:`grid_codes` and :func:`_line_error`, squared and summed over the lanes in float64 (the same
+    bits): on CPU by the compiled kernel, else in chunks of lines held in reused buffers.
     """
     if spec.num_clusters > 1:
         return torch.cat([_line_error(w, scale, offset, spec) for scale, offset in ranges], 1)
     lines, g = w.shape
     scale = torch.stack([s.float().view(-1) for s, _ in ranges])  # (candidates, lines)
     offset = torch.stack([o.float().view(-1) for _, o in ranges])
-    divisor = torch.where(scale > 0, scale, 1.0)
-    errors = torch.empty_like(scale)
+    if w.device.type == "cpu":
+        from .. import kernels
+
+        found = kernels.line_errors(w, offset, scale, spec.bits)
+        if found is not None:
+            return found
+    positive = scale > 0
+    divisor = torch.where(positive, scale, 1.0)
+    ok = positive.float()  # the steps of a non-positive scale are 0, as in grid_codes
+    errors = torch.empty_like(scale, dtype=torch.float64)
     step = max(1, _ERROR_CHUNK // max(g * len(ranges), 1))
     diff = torch.empty(len(ranges), min(step, lines), g, device=w.device)
     level = torch.empty_like(diff)
+    square = torch.empty_like(diff, dtype=torch.float64)
     for l0 in range(0, lines, step):
         l1 = min(l0 + step, lines)
-        d, q = diff[:, : l1 - l0], level[:, : l1 - l0]
+        d, q, sq = diff[:, : l1 - l0], level[:, : l1 - l0], square[:, : l1 - l0]
         torch.sub(w[l0:l1], offset[:, l0:l1, None], out=d)
         torch.div(d, divisor[:, l0:l1, None], out=q)
-        q.round_().clamp_(0, spec.levels - 1).mul_(scale[:, l0:l1, None])
-        torch.sum(d.sub_(q).square_(), 2, out=errors[:, l0:l1])
+        q.mul_(ok[:, l0:l1, None]).round_().clamp_(0, spec.levels - 1).mul_(scale[:, l0:l1, None])
+        sq.copy_(d.sub_(q)).square_()
+        errors[:, l0:l1] = _lane_sums(sq.reshape(-1, g)).view(len(ranges), l1 - l0)
     return errors.t().contiguous()  # laid out as the candidates' columns side by side: a fast argmin
 
 
 def _line_error(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """``(lines, 1)`` squared error of each line of ``w`` on the nearest levels of ranges ``scale`` / ``offset``."""
+    """``(lines, 1)`` float64 squared error of each line of ``w`` on the nearest levels of ``scale`` / ``offset``.
+
+    The float32 errors squared and summed over the lanes in float64 (:func:`_lane_sums`).
+    """
     scale, offset = scale.float(), offset.float()
     ids, codes = nearest_levels(w, offset, scale, spec)
     if spec.num_clusters > 1:
         scale, offset = scale.gather(1, ids), offset.gather(1, ids)
-    return (w - offset).sub_(codes * scale).square_().sum(1, keepdim=True)
+    return _lane_sums((w - offset).sub_(codes * scale).double().square_())
 
 
 def _overflow_message(spec: QuantSpec) -> str:

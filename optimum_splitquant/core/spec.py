@@ -87,7 +87,7 @@ class QuantSpec:
             around a zero code times a non-negative step, ``False`` (format 2, read for old checkpoints)
             as unsigned codes times a signed step.
         column_scales: ``True`` divides each input column of a weight by its own ``scale_dtype`` scale
-            (its root mean square, relative to the median of all of them) before quantizing and stores
+            (its root mean square relative to the median of all of them, to the power 0.7) before quantizing and stores
             the scales (format 4): ``W ~ W_hat * c``, computed as ``W_hat (c * x)``. With codes of 4 or
             more bits, a layer rebuilt better without them stores ones (:mod:`.quantize`). Layers of
             fewer than :data:`COLUMN_SCALE_MIN_ROWS` rows store none (:meth:`has_column_scales`).

@@ -14,7 +14,8 @@ Torch ops, built from six sources at first use into one library (see :mod:`._bui
   (:func:`check_stored`).
 * ``fit_cpu.cpp``: ``fit_mse_starts``, ``start_ranges`` and ``nearest_levels``: the least-squares
   range fit of ``fit="mse"`` (:func:`fit_mse_starts`, :func:`start_ranges`, :func:`nearest_levels`),
-  the same bits as the pure-torch search.
+  the same bits as the pure-torch search. ``line_errors``: each line's squared error on every candidate
+  coded range (:func:`line_errors`, the one-cluster search of ``core.fit.fit_coded``).
 * ``ranges_cpu.cpp``: ``torch.ops.optimum_splitquant.decode_ranges``: a layer's coded ranges (formats
   2 to 4) from their packed codes and steps in one pass (:func:`decode_ranges`), the same bits as
   :func:`optimum_splitquant.core.ranges.decode_layer_ranges`' pure-torch unpack and decode, which
@@ -64,6 +65,7 @@ __all__ = [
     "fit_mse_starts",
     "kmeans_binned",
     "kmeans_dp",
+    "line_errors",
     "linear",
     "mode",
     "nearest_levels",
@@ -266,6 +268,18 @@ def nearest_levels(
     if torch.compiler.is_compiling() or not available():
         return None
     return torch.ops.optimum_splitquant.nearest_levels.default(w, offset, scale, bits)
+
+
+def line_errors(w: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor | None:
+    """Compiled squared error of each line on the nearest levels of every candidate range, or None.
+
+    ``w``: float32 ``(lines, g)``; ``offsets`` / ``scales``: float32 ``(candidates, lines)``, one range per
+    line. Returns float64 ``(lines, candidates)``: per weight the float32 error ``(w - offset) - code * scale``,
+    squared and summed in double over ``core.fit.SUM_LANES`` lanes, the same bits as ``core.fit``'s torch path.
+    """
+    if torch.compiler.is_compiling() or not available():
+        return None
+    return torch.ops.optimum_splitquant.line_errors.default(w, offsets, scales, bits)
 
 
 def start_ranges(

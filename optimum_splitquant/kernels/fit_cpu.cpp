@@ -15,6 +15,9 @@
 // fit_mse_starts runs those rounds from several starting ranges per line (core/quantize.py's
 // FIT_STARTS search): nearest codes in each weight's own cluster, `trial` rounds, the start with the
 // least squared error (a double sum over the same lanes; the first on ties), then the rest.
+// line_errors gives the squared error of every line on the nearest levels of each of several candidate
+// ranges (core/fit.py's _line_errors, one range per line): float32 errors (w - o) - code * s, squared
+// and summed in double over the same lanes.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -540,6 +543,46 @@ inline c10::BFloat16 next_value(c10::BFloat16 v, bool up) {
 }
 inline float next_value(float v, bool up) { return std::nextafter(v, up ? INFINITY : -INFINITY); }
 
+// The bits of a float that holds a half value (round_to_half's results, infinities included): its sign,
+// exponent and top 10 fraction bits, or below 2^-14 its whole number of 2^-24 steps. No rounding.
+SQ_INLINE uint16_t half_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t a = u & 0x7FFFFFFFu;
+  if (a >= 0x7F800000u) return sign | 0x7C00;
+  if (a >= 0x38800000u) return sign | static_cast<uint16_t>((((a >> 23) - 112u) << 10) | ((a >> 13) & 0x3FFu));
+  return sign | static_cast<uint16_t>(std::fabs(v) * 0x1p24f);
+}
+
+// The float value of half bits (finite or infinite), exactly.
+SQ_INLINE float half_value(uint16_t h) {
+  const uint32_t m = h & 0x7FFFu;
+  float r;
+  if (m >= 0x7C00u) {
+    r = INFINITY;
+  } else if (m >= 0x0400u) {
+    const uint32_t u = (m << 13) + (112u << 23);
+    std::memcpy(&r, &u, sizeof(r));
+  } else {
+    r = static_cast<float>(m) * 0x1p-24f;
+  }
+  return (h & 0x8000u) ? -r : r;
+}
+
+// One slot's start in half precision, as the generic start_ranges below rounds it but in float
+// arithmetic (round_to_half) instead of two conversions each way: the same bits, several times faster.
+SQ_INLINE bool start_half(float a, float b, float steps, c10::Half& offset, c10::Half& scale) {
+  float o = round_to_half(a);
+  if (o > a) o = half_value(next16(half_bits(o), false, 0x7C00));
+  const float exact = (b - o) / steps;
+  float s = round_to_half(exact);
+  if (s < exact) s = half_value(next16(half_bits(s), true, 0x7C00));
+  offset = c10::Half(half_bits(o), c10::Half::from_bits());
+  scale = c10::Half(half_bits(s), c10::Half::from_bits());
+  return std::isfinite(o) && std::isfinite(s);
+}
+
 // Starting ranges of fit_mse_starts from each slot's member min / max (core/quantize.py's
 // _start_ranges and _stored_range, the same float operations): for start s, the range shrunk to the
 // share kept[s] around its middle, offset rounded down and scale rounded up to T, spread over
@@ -557,6 +600,10 @@ bool start_ranges(const float* lo, const float* hi, int64_t slots, const std::ve
         const float mid = (lo[i] + hi[i]) / 2.0f;
         const float a = mid + (lo[i] - mid) * kept[s];
         const float b = mid + (hi[i] - mid) * kept[s];
+        if constexpr (std::is_same_v<T, c10::Half>) {
+          ok &= start_half(a, b, steps, offsets[s * slots + i], scales[s * slots + i]);
+          continue;
+        }
         T offset(a);
         if (static_cast<float>(offset) > a) offset = next_value(offset, false);
         const float exact = (b - static_cast<float>(offset)) / steps;
@@ -642,6 +689,76 @@ std::tuple<at::Tensor, at::Tensor> nearest_levels_cpu(const at::Tensor& w, const
   return {ids, codes};
 }
 
+// Squared errors of lines [l0, l1) of w on the nearest levels of each of `cands` ranges (offsets /
+// scales [c * lines + l]), to out[l * cands + c]. Per weight, as nearest_code and core/fit.py's
+// _line_errors: d = w - o, code = nearest code of ok * (d / div), e = d - code * s (float32), e * e summed
+// in double, element i in lane i % LANES. Eight weights at a time through one float vector (the clamps
+// with pick, as in assign_line), their squares summed in two double vectors of four lanes.
+SQ_WIDE_CLONES void line_errors_block(const float* __restrict w, int64_t l0, int64_t l1, int64_t lines, int64_t g,
+                                      const float* offsets, const float* scales, int64_t cands, float top,
+                                      double* __restrict out) {
+  const vec8f zero = {}, tops = zero + top;
+  for (int64_t l = l0; l < l1; ++l) {
+    const float* wl = w + l * g;
+    for (int64_t c = 0; c < cands; ++c) {
+      const float o = offsets[c * lines + l], s = scales[c * lines + l];
+      const float ok = s > 0 ? 1.0f : 0.0f, div = s > 0 ? s : 1.0f;
+      half_d e0 = {}, e1 = {};
+      int64_t i = 0;
+      for (; i + LANES <= g; i += LANES) {
+        vec8f x;
+        std::memcpy(&x, wl + i, sizeof(x));
+        const vec8f d = x - o;
+        const vec8f steps = ok * (d / div);
+        vec8f low, high;
+        pick(low, steps < zero, zero, steps);  // std::max(steps, 0.0f)
+        pick(high, tops < low, tops, low);     // std::min(low, top)
+        const vec8f e = d - ((high + ROUND_MAGIC) - ROUND_MAGIC) * s;
+        // Widened element by element: one conversion per half. (GCC 12 makes __builtin_convertvector of
+        // halves taken from e four two-wide conversions and shuffles: the loop ~40% slower.)
+        const half_d da = {e[0], e[1], e[2], e[3]}, db = {e[4], e[5], e[6], e[7]};
+        e0 += da * da, e1 += db * db;
+      }
+      double t[LANES];
+      store_lanes(t, e0, e1);
+      for (int64_t j = 0; i < g; ++i, ++j) {
+        const float d = wl[i] - o;
+        const double e = static_cast<double>(d - nearest_code(ok * (d / div), top) * s);
+        t[j] += e * e;
+      }
+      out[l * cands + c] = lanes_total(t);
+    }
+  }
+}
+
+// Squared error (double) of every line of w on the nearest levels of each candidate range, one range per
+// line (core/fit.py's _line_errors with one cluster): w float32 (lines, g), offsets / scales float32
+// (candidates, lines); float64 (lines, candidates), the same bits as the torch path.
+at::Tensor line_errors_cpu(const at::Tensor& w, const at::Tensor& offsets, const at::Tensor& scales, int64_t bits) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat, "line_errors: w must be a float32 (lines, g) tensor, got ",
+              w.scalar_type(), " of shape ", w.sizes());
+  TORCH_CHECK(offsets.dim() == 2 && offsets.size(1) == w.size(0) && offsets.scalar_type() == at::kFloat,
+              "line_errors: offsets must be a float32 (candidates, lines) tensor with lines = ", w.size(0), ", got ",
+              offsets.scalar_type(), " of shape ", offsets.sizes());
+  TORCH_CHECK(scales.sizes() == offsets.sizes() && scales.scalar_type() == at::kFloat,
+              "line_errors: scales must be a float32 tensor of the offsets' shape ", offsets.sizes(), ", got ",
+              scales.scalar_type(), " of shape ", scales.sizes());
+  TORCH_CHECK(bits >= 1 && bits <= 16, "line_errors: bits must be in [1, 16], got ", bits);
+  const at::Tensor wc = w.contiguous(), oc = offsets.contiguous(), sc = scales.contiguous();
+  const int64_t lines = wc.size(0), g = wc.size(1), cands = oc.size(0);
+  at::Tensor out = at::empty({lines, cands}, wc.options().dtype(at::kDouble));
+  const float top = static_cast<float>((int64_t{1} << bits) - 1);
+  const float* wp = wc.data_ptr<float>();
+  const float* op = oc.data_ptr<float>();
+  const float* sp = sc.data_ptr<float>();
+  double* ep = out.data_ptr<double>();
+  const int64_t work = std::max<int64_t>(g * cands, 1);  // weights visited per line
+  at::parallel_for(0, lines, std::max<int64_t>(1, 16384 / work), [&](int64_t l0, int64_t l1) {
+    line_errors_block(wp, l0, l1, lines, g, op, sp, cands, top, ep);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(optimum_splitquant, m) {
@@ -650,10 +767,12 @@ TORCH_LIBRARY_FRAGMENT(optimum_splitquant, m) {
   m.def("start_ranges(Tensor lo, Tensor hi, float[] kept, int[] spare, int bits, ScalarType dtype) -> "
         "(Tensor, Tensor)");
   m.def("nearest_levels(Tensor w, Tensor offset, Tensor scale, int bits) -> (Tensor, Tensor)");
+  m.def("line_errors(Tensor w, Tensor offsets, Tensor scales, int bits) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(optimum_splitquant, CPU, m) {
   m.impl("fit_mse_starts", &fit_mse_starts_cpu);
   m.impl("start_ranges", &start_ranges_cpu);
   m.impl("nearest_levels", &nearest_levels_cpu);
+  m.impl("line_errors", &line_errors_cpu);
 }

@@ -204,9 +204,23 @@ def test_paired_table_compares_for_budget_with_the_best_anchor_example_by_exampl
     assert (second["anchor"], second["only_ours"], second["only_anchor"]) == ("HQQ 4-bit g64", 0, 3)
     assert second["p_value"] == pytest.approx(0.25)
     md = output.paired_markdown(table)
-    assert "### C: accuracy, 10 examples" in md
+    assert "### C: accuracy, 10 examples, against HQQ" in md
     assert "| <= 4.5 | ours 4.5 (4.50) | 70.0 % | HQQ 4-bit g64 (4.50) | 100.0 % | 0 | 3 | 0.25 | 60.0 / 90.0 % |" in md
-    assert "## for_budget against the anchor, example by example" in output.markdown(_classifier_result())
+    assert "## for_budget against the anchors, example by example" in output.markdown(_classifier_result())
+
+
+def test_paired_table_compares_with_every_anchor_family_measured():
+    result = _classifier_result()
+    rows = result["tasks"][0]["rows"]
+    rows.append(_row("NF4 b64", "bitsandbytes NF4", 4.13, 0.9, kind="nf4", predictions="0000011110"))  # 9 right
+    table = output.paired_table(result, (4.25, 4.5))
+    assert [t["anchor"] for t in table["tasks"]] == ["HQQ", "bitsandbytes NF4"]  # no SINQ row: no SINQ entry
+    nf4 = table["tasks"][1]["pairs"]
+    assert [(p["budget"], p["anchor"], p["only_ours"], p["only_anchor"]) for p in nf4] == [
+        (4.25, "NF4 b64", 1, 1),
+        (4.5, "NF4 b64", 1, 3),
+    ]
+    assert [t["anchor"] for t in output.paired_table(result, (4.25,), anchors="HQQ")["tasks"]] == ["HQQ"]
 
 
 def test_paired_table_refuses_predictions_that_do_not_match_the_labels():

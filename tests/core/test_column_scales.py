@@ -7,7 +7,7 @@ import torch
 
 from optimum_splitquant.checkpoint.format import COLUMN_SCALE, coded_version, format_version, layer_tensors
 from optimum_splitquant.core import QuantSpec, dequantize_weight, quantize_weight
-from optimum_splitquant.core.quantize import column_scales
+from optimum_splitquant.core.quantize import COLUMN_SCALE_POWER, column_scales
 from optimum_splitquant.core.spec import COLUMN_SCALE_MIN_ROWS
 from tests.helpers import minilm_linear_weights, sqnr_db
 
@@ -55,6 +55,15 @@ def test_scales_are_relative_bounded_and_one_on_zero_columns() -> None:
     assert float(c[torch.arange(8) != 3].median()) == 1.0
 
 
+def test_scales_are_a_power_of_the_relative_magnitude() -> None:
+    """Columns 4x and 1/4x the median magnitude get scales 4**±COLUMN_SCALE_POWER, rounded to float16."""
+    w = torch.randn(64, 1).sign() * torch.tensor([1.0, 4.0, 0.25, 1.0])
+    c = column_scales(w, QuantSpec(4, column_scales=True))
+    power = COLUMN_SCALE_POWER
+    assert 0 < power < 1 and c.dtype == torch.float16
+    assert torch.equal(c, torch.tensor([1.0, 4.0**power, 4.0**-power, 1.0]).half())
+
+
 def test_short_layers_store_no_column_scales_and_bits_count_them() -> None:
     spec = QuantSpec(4, 1, group_size=32, column_scales=True)
     short = quantize_weight(torch.randn(COLUMN_SCALE_MIN_ROWS - 1, 64), spec)
@@ -87,19 +96,23 @@ def test_weights_on_a_row_grid_keep_it_and_store_unit_scales() -> None:
 
 
 def test_a_grid_finer_than_the_codes_keeps_its_column_scales(monkeypatch: pytest.MonkeyPatch) -> None:
-    """3-bit codes cannot hold a 16-level grid either way: the layer keeps its scales without a trial (the
-    trial, run on it, would store ones)."""
+    """3-bit codes cannot hold a 16-level grid either way: the layer keeps its scales without a trial (with
+    the trial threshold lowered to 3 bits, the trial runs and its verdict decides)."""
     from optimum_splitquant.core import quantize as quantize_module
 
     torch.manual_seed(2)
     steps = torch.rand(256, 4, 1) * 0.02 + 0.005
     grid = (torch.randint(0, 16, (256, 4, 32)) * steps - 8 * steps).reshape(256, 128)
     spec = QuantSpec(**{**CODED.__dict__, "bits": 3})
+    trials = []
+    monkeypatch.setattr(quantize_module, "_scales_help", lambda *args: trials.append(1) or False)
     q = quantize_weight(grid, spec)
+    assert not trials
     assert torch.equal(q.column_scale, column_scales(grid, spec))
     assert not torch.equal(q.column_scale, torch.ones_like(q.column_scale))
     monkeypatch.setattr(quantize_module, "COLUMN_SCALE_TRIAL_BITS", 3)
     assert torch.equal(quantize_weight(grid, spec).column_scale, torch.ones(128, dtype=torch.float16))
+    assert trials == [1]
 
 
 def test_true_float_minilm_layers_all_take_their_column_scales() -> None:

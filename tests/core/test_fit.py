@@ -70,7 +70,7 @@ def test_candidate_errors_match_one_candidate_at_a_time(monkeypatch, source, bit
     ranges[0][0][:3] = 0.0  # zero scales: every code of those lines levels at the offset
     expected = torch.cat([fit._line_error(w, scale, offset, spec) for scale, offset in ranges], 1)
     got = fit._line_errors(w, ranges, spec)
-    assert got.shape == (w.shape[0], 7) and got.is_contiguous()
+    assert got.shape == (w.shape[0], 7) and got.dtype == torch.float64 and got.is_contiguous()
     assert torch.equal(got, expected)
 
 

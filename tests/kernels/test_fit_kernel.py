@@ -140,6 +140,23 @@ def test_start_ranges_bit_identical_to_torch(dtype: torch.dtype, bits: int) -> N
         )
 
 
+def test_start_ranges_float16_bit_identical_at_every_half_edge() -> None:
+    """The float16 starts (rounded in float arithmetic, not converted) equal torch's on halves, their ties
+    and their float neighbours, across subnormals, the normal boundary 2**-14 and up to 65504."""
+    halves = torch.arange(0, 0x7C00, 3, dtype=torch.int16).view(torch.float16).float()
+    ties = (halves[:-1] + halves[1:]) / 2
+    values = torch.cat([halves, ties, torch.nextafter(ties, torch.zeros(())), torch.nextafter(ties, ties * 2)])
+    values = values[values <= 30000]  # a range of twice that still fits float16
+    lo = torch.cat([-values, values * 0.5, torch.zeros_like(values)]).unsqueeze(1)
+    hi = torch.cat([values, values, values]).unsqueeze(1)
+    spec = QuantSpec(4, 1, fit="mse")
+    kept, spare = (list(t) for t in zip(*fit_module.FIT_STARTS, strict=True))
+    native = kernels.start_ranges(lo, hi, kept, spare, spec.bits, torch.float16)
+    reference = fit_module.start_ranges(lo, hi, spec)
+    for a, b in zip(native, reference, strict=True):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
 def test_start_ranges_past_the_dtype_raise_on_both_paths() -> None:
     """A range float16 cannot hold: the compiled op refuses, and the quantizer names the remedy."""
     from optimum_splitquant.core import quantize_weight
@@ -184,3 +201,112 @@ def test_nearest_levels_kernel_bit_identical_to_torch(k: int, bits: int, monkeyp
     reference = fit_module.nearest_levels(w, offset, scale, spec)
     for a, b in zip(native, reference, strict=True):
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def line_candidates(w: torch.Tensor, bits: int, count: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` float16 ``(scale, offset)`` candidates ``(lines, 1)`` scattered around each line's min-max grid.
+
+    Grids too narrow and too wide (codes clamped at both ends), a whole line of zero scales in every
+    candidate, every third line of the second candidate at zero scale, a negative and a -0.0 scale.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+    exact = (hi - lo) / ((1 << bits) - 1)
+    out = []
+    for c in range(count):
+        scale = exact * (1 + 0.3 * torch.randn(lo.shape, generator=gen))
+        offset = lo + (hi - lo) * 0.2 * torch.randn(lo.shape, generator=gen)
+        scale[min(2, len(scale) - 1)] = 0.0
+        if c == 1:
+            scale[::3] = 0.0
+        if c == 2:
+            scale[0], scale[-1] = -exact[0], -0.0
+        out.append((scale.half(), offset.half()))
+    return out
+
+
+def outlier_lines(lines: int, width: int, seed: int) -> torch.Tensor:
+    """Gaussian lines with outliers, a constant line and an all-zero line."""
+    gen = torch.Generator().manual_seed(seed)
+    w = 0.05 * torch.randn(lines, width, generator=gen)
+    w.view(-1)[::11] *= 9
+    w[min(3, lines - 1)] = 0.01
+    w[min(4, lines - 1)] = 0.0
+    return w
+
+
+def line_errors_both_paths(w, ranges, spec: QuantSpec, monkeypatch: pytest.MonkeyPatch, chunk: int):
+    """``_line_errors`` through the compiled op, then through the torch chunks (``chunk`` elements each)."""
+    native = fit_module._line_errors(w, ranges, spec)
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "available", lambda: False)
+        m.setattr(fit_module, "_ERROR_CHUNK", chunk)
+        reference = fit_module._line_errors(w, ranges, spec)
+    return native, reference
+
+
+@pytest.mark.parametrize("chunk", [1 << 18, 1000], ids=["default-chunk", "many-short-chunks"])
+@pytest.mark.parametrize("width", [1, 7, 16, 32, 64, 577])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+def test_line_errors_kernel_bit_identical_to_torch(bits, width, chunk, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every candidate's float64 lane sums equal the torch chunks': zero scales, outliers and ragged lanes included."""
+    spec = QuantSpec(bits, 1, fit="mse")
+    w = outlier_lines(41, width, seed=bits * 1000 + width)
+    ranges = line_candidates(w, bits, 5, seed=width)
+    offsets = torch.stack([o.float().view(-1) for _, o in ranges])
+    scales = torch.stack([s.float().view(-1) for s, _ in ranges])
+    direct = kernels.line_errors(w, offsets, scales, bits)
+    assert direct.dtype == torch.float64 and direct.shape == (41, 5) and direct.is_contiguous()
+    native, reference = line_errors_both_paths(w, ranges, spec, monkeypatch, chunk)
+    assert reference.dtype == torch.float64 and reference.shape == (41, 5) and reference.is_contiguous()
+    assert torch.equal(direct, native)
+    assert torch.equal(native, reference)
+    one_at_a_time = torch.cat([fit_module._line_error(w, s, o, spec) for s, o in ranges], 1)
+    assert torch.equal(native, one_at_a_time)
+
+
+@pytest.mark.parametrize(("bits", "group"), [(3, 16), (4, 32), (5, 64)])
+def test_line_errors_kernel_bit_identical_on_coded_candidates(bits, group, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The candidates fit_coded really scores (fitted, coded and one step away) on a real MiniLM weight."""
+    from safetensors import safe_open
+
+    from optimum_splitquant.cli.data import minilm_path
+    from optimum_splitquant.core.ranges import code_variants, decode_ranges, encode_ranges
+
+    with safe_open(str(minilm_path() / "model.safetensors"), "pt") as f:
+        w = f.get_tensor("encoder.layer.1.attention.output.dense.weight").float().reshape(-1, group)
+    spec = QuantSpec(bits, 1, group, fit="mse", range_bits=7, range_block=32)
+    _, _, offset, scale = fit_module.fit_best_start(w, fit_module.zero_ids(w), *w.aminmax(dim=1, keepdim=True), spec)
+    coded = encode_ranges(scale, offset, spec)
+    ranges = [decode_ranges(c, spec) for c in [coded, *code_variants(coded, spec)]]
+    native, reference = line_errors_both_paths(w, ranges, spec, monkeypatch, 1 << 18)
+    assert native.shape == (w.shape[0], 7)
+    assert torch.equal(native, reference)
+
+
+def _bad(w=None, offsets=None, scales=None, bits=4):
+    """Arguments of line_errors: 4 lines of 8 weights, 2 candidates, unless replaced."""
+    w = torch.zeros(4, 8) if w is None else w
+    offsets = torch.zeros(2, 4) if offsets is None else offsets
+    return w, offsets, torch.ones(offsets.shape) if scales is None else scales, bits
+
+
+BAD_LINE_ERRORS = {
+    "w float64": (_bad(w=torch.zeros(4, 8, dtype=torch.float64)), "w must be a float32"),
+    "w 1-D": (_bad(w=torch.zeros(8), offsets=torch.zeros(2, 8)), "w must be a float32"),
+    "offsets of other lines": (_bad(offsets=torch.zeros(2, 5)), "offsets must be a float32"),
+    "offsets float16": (_bad(offsets=torch.zeros(2, 4, dtype=torch.half), scales=torch.ones(2, 4)), "offsets must be"),
+    "offsets 3-D": (_bad(offsets=torch.zeros(2, 4, 1)), "offsets must be a float32"),
+    "scales of another shape": (_bad(scales=torch.ones(3, 4)), "scales must be a float32"),
+    "scales float64": (_bad(scales=torch.ones(2, 4, dtype=torch.float64)), "scales must be a float32"),
+    "bits 0": (_bad(bits=0), "bits must be in"),
+    "bits 17": (_bad(bits=17), "bits must be in"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_LINE_ERRORS)
+def test_line_errors_kernel_refuses_bad_inputs(case: str) -> None:
+    """Wrong shapes, dtypes or bits raise RuntimeError naming the argument."""
+    args, message = BAD_LINE_ERRORS[case]
+    with pytest.raises(RuntimeError, match=message):
+        kernels.line_errors(*args)
