@@ -226,10 +226,8 @@ def line_candidates(w: torch.Tensor, bits: int, count: int, seed: int) -> list[t
 
 
 def outlier_lines(lines: int, width: int, seed: int) -> torch.Tensor:
-    """Gaussian lines with outliers, a constant line and an all-zero line."""
-    gen = torch.Generator().manual_seed(seed)
-    w = 0.05 * torch.randn(lines, width, generator=gen)
-    w.view(-1)[::11] *= 9
+    """:func:`start`'s weights with outliers, and a constant line and an all-zero line among them."""
+    w = start(QuantSpec(2, 1), lines, width, seed)[0]
     w[min(3, lines - 1)] = 0.01
     w[min(4, lines - 1)] = 0.0
     return w
