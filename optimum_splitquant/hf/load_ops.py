@@ -17,22 +17,25 @@ import torch
 from transformers.core_model_loading import ConversionOps, WeightConverter
 
 from ..checkpoint.format import stored_tensors
-from .memory import release_file_pages, return_freed_heap
+from .memory import HeapReturner, release_file_pages
 
 __all__ = ["LayerConverter", "LayerTensors", "QuantizeOnLoad"]
 
 
 class CollectsLoadErrors(Protocol):
-    """What :class:`QuantizeOnLoad` reports to: a ``load_errors`` dict (layer name -> message)."""
+    """What :class:`QuantizeOnLoad` reports to: a ``load_errors`` dict (layer name -> message), and the
+    :class:`~.memory.HeapReturner` of the load."""
 
     load_errors: dict[str, str]
+    heap: HeapReturner
 
 
 class QuantizeOnLoad(ConversionOps):
     """Load-time op: quantizes one float weight into its SplitQuant layer and drops the float copy.
 
-    The float weight's pages of the checkpoint's file map and the heap freed by quantizing go back to
-    the OS at once (:mod:`.memory`), so that a load holds one layer's float weight at a time. A
+    The float weight's pages of the checkpoint's file map go back to the OS at once, and the heap freed
+    by quantizing every few layers (:mod:`.memory`), so that a load holds about one layer's float
+    weight and temporaries at a time. A
     layer that refuses its weight has its message recorded in ``hf_quantizer.load_errors``.
     """
 
@@ -57,7 +60,7 @@ class QuantizeOnLoad(ConversionOps):
             # layer's own message and raise it once loading is done.
             self.hf_quantizer.load_errors[module_name] = str(exc)
         release_file_pages(value)
-        return_freed_heap()
+        self.hf_quantizer.heap.quantized(value.numel())
         module._is_hf_initialized = True
         for buf in module._buffers.values():
             buf._is_hf_initialized = True

@@ -5,7 +5,8 @@ the file: a page of it costs resident memory once read, and stays resident while
 a weight reads every page of it, so without help the process ends up holding the whole float file
 (plus the quantized copy) though a float load of the same model touches almost none of it.
 :func:`release_file_pages` hands back the pages of each float weight once it is quantized (Linux),
-and :func:`return_freed_heap` the quantizer's freed temporaries; :func:`own_float_tensors` then
+and :func:`return_freed_heap` the quantizer's freed temporaries (at load through a
+:class:`HeapReturner`, every :data:`RETURN_HEAP_EVERY` weights); :func:`own_float_tensors` then
 copies the float parameters that stay (embeddings, norms), handing back each one's pages as it goes,
 so that the map can go and the float file can be overwritten or deleted.
 """
@@ -23,7 +24,7 @@ import torch
 
 from ..nn.compact import SplitQuantModule
 
-__all__ = ["own_float_tensors", "release_file_pages", "return_freed_heap"]
+__all__ = ["RETURN_HEAP_EVERY", "HeapReturner", "own_float_tensors", "release_file_pages", "return_freed_heap"]
 
 logger = logging.getLogger(__name__)
 
@@ -119,3 +120,25 @@ def return_freed_heap() -> None:
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+RETURN_HEAP_EVERY = 1 << 22
+"""Weights quantized at load between two returns of the freed heap (16 MiB of float32); in between, the next
+layers' temporaries reuse it. A return costs a ``malloc_trim`` and the page faults of the next layer's
+temporaries: one after every layer took a fifth of SmolLM2's load at 4 bits (docs/benchmarks.md, "Quantizing
+speed, against HQQ")."""
+
+
+class HeapReturner:
+    """Counts the weights quantized at load and returns the freed heap once every ``every`` of them."""
+
+    def __init__(self, every: int = RETURN_HEAP_EVERY) -> None:
+        self.every = every
+        self.pending = 0
+
+    def quantized(self, weights: int) -> None:
+        """Count ``weights`` more; at ``every`` since the last return, return the freed heap."""
+        self.pending += weights
+        if self.pending >= self.every:
+            self.pending = 0
+            return_freed_heap()

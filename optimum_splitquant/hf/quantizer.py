@@ -31,7 +31,7 @@ from .config import QUANT_METHOD, SplitQuantConfig
 from .key_mapping import checkpoint_key_renamer
 from .load_ops import LayerConverter, LayerTensors, QuantizeOnLoad
 from .loaded import gather_layers, held_scale_dtype, validate_loaded
-from .memory import own_float_tensors
+from .memory import HeapReturner, own_float_tensors
 
 __all__ = ["LayerTensors", "QuantizeOnLoad", "SplitQuantHfQuantizer"]
 
@@ -55,6 +55,7 @@ class SplitQuantHfQuantizer(HfQuantizer):
         super().__init__(copy.deepcopy(quantization_config), **kwargs)
         self.spec = self.quantization_config.to_spec()
         self.load_errors: dict[str, str] = {}
+        self.heap = HeapReturner()  # the quantizing temporaries go back to the OS every few layers
         self.load_dtype: torch.dtype | None = None
         # SplitQuant layers rebuilt from a checkpoint: name in the checkpoint -> name in the model.
         self.loaded_layers: dict[str, str] = {}

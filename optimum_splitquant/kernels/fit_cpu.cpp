@@ -37,6 +37,11 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define SQ_FIT_F16C 1
+#endif
+
 namespace {
 
 constexpr int64_t LANES = 8;  // running sums per total (core/quantize.py's SUM_LANES)
@@ -583,6 +588,44 @@ SQ_INLINE bool start_half(float a, float b, float steps, c10::Half& offset, c10:
   return std::isfinite(o) && std::isfinite(s);
 }
 
+#ifdef SQ_FIT_F16C
+// start_half on eight slots at a time, [i0, i0 + 8 * n): the F16C conversions round the offset down and the
+// scale up directly (_MM_FROUND_TO_NEG_INF / _TO_POS_INF), which is what rounding to the nearest half and
+// then moving one step when it lies on the wrong side gives (the largest half <= a, the smallest >= exact;
+// past the largest finite half: 65504 for a positive offset, infinity otherwise). The other operations are
+// start_ranges' own, in the same order. False if a range is not finite.
+__attribute__((target("avx,f16c"))) bool start_half8(const float* lo, const float* hi, int64_t i0, int64_t n,
+                                                       float kept, float steps, c10::Half* offsets,
+                                                       c10::Half* scales) {
+  const __m256 k = _mm256_set1_ps(kept), st = _mm256_set1_ps(steps), two = _mm256_set1_ps(2.0f);
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 finite = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+  for (int64_t b = 0; b < n; ++b) {
+    const int64_t i = i0 + 8 * b;
+    const __m256 l = _mm256_loadu_ps(lo + i), h = _mm256_loadu_ps(hi + i);
+    const __m256 mid = _mm256_div_ps(_mm256_add_ps(l, h), two);
+    const __m256 a = _mm256_add_ps(mid, _mm256_mul_ps(_mm256_sub_ps(l, mid), k));
+    const __m256 top = _mm256_add_ps(mid, _mm256_mul_ps(_mm256_sub_ps(h, mid), k));
+    const __m128i oh = _mm256_cvtps_ph(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m256 o = _mm256_cvtph_ps(oh);
+    const __m256 exact = _mm256_div_ps(_mm256_sub_ps(top, o), st);
+    const __m128i sh = _mm256_cvtps_ph(exact, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
+    const __m256 s = _mm256_cvtph_ps(sh);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(offsets + i), oh);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(scales + i), sh);
+    // x - x is 0 for a finite x, NaN for an infinity or NaN
+    finite = _mm256_and_ps(finite, _mm256_cmp_ps(_mm256_sub_ps(o, o), zero, _CMP_EQ_OQ));
+    finite = _mm256_and_ps(finite, _mm256_cmp_ps(_mm256_sub_ps(s, s), zero, _CMP_EQ_OQ));
+  }
+  return _mm256_movemask_ps(finite) == 0xFF;
+}
+
+bool has_f16c() {
+  static const bool ok = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+  return ok;
+}
+#endif
+
 // Starting ranges of fit_mse_starts from each slot's member min / max (core/quantize.py's
 // _start_ranges and _stored_range, the same float operations): for start s, the range shrunk to the
 // share kept[s] around its middle, offset rounded down and scale rounded up to T, spread over
@@ -596,7 +639,17 @@ bool start_ranges(const float* lo, const float* hi, int64_t slots, const std::ve
     bool ok = true;
     for (int64_t s = 0; s < starts; ++s) {
       const float steps = static_cast<float>(std::max<int64_t>(levels - 1 - spare[s], 1));
-      for (int64_t i = i0; i < i1; ++i) {
+      int64_t first = i0;
+#ifdef SQ_FIT_F16C
+      if constexpr (std::is_same_v<T, c10::Half>) {
+        if (has_f16c()) {
+          const int64_t blocks = (i1 - i0) / 8;
+          ok &= start_half8(lo, hi, i0, blocks, kept[s], steps, offsets + s * slots, scales + s * slots);
+          first = i0 + 8 * blocks;
+        }
+      }
+#endif
+      for (int64_t i = first; i < i1; ++i) {
         const float mid = (lo[i] + hi[i]) / 2.0f;
         const float a = mid + (lo[i] - mid) * kept[s];
         const float b = mid + (hi[i] - mid) * kept[s];

@@ -110,3 +110,20 @@ def test_quantizing_at_load_holds_about_one_float_layer(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     rise = json.loads(done.stdout.strip().splitlines()[-1])["peak_rise"]
     assert rise < 200, f"the load raised the peak resident memory by {rise:.0f} MiB"
+
+
+def test_the_freed_heap_goes_back_once_every_so_many_weights(monkeypatch):
+    import optimum_splitquant.hf.memory as memory
+
+    returns = []
+    monkeypatch.setattr(memory, "return_freed_heap", lambda: returns.append(True))
+    heap = memory.HeapReturner(every=1000)
+    for weights in (400, 500):
+        heap.quantized(weights)
+    assert returns == []
+    heap.quantized(100)  # 1000 since the start
+    assert len(returns) == 1
+    heap.quantized(2500)  # one large layer alone
+    heap.quantized(999)
+    assert len(returns) == 2
+    assert heap.pending == 999
