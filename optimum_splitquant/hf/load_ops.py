@@ -34,7 +34,7 @@ class QuantizeOnLoad(ConversionOps):
     """Load-time op: quantizes one float weight into its SplitQuant layer and drops the float copy.
 
     The float weight's pages of the checkpoint's file map go back to the OS at once, and the heap freed
-    by quantizing every few layers (:mod:`.memory`), so that a load holds about one layer's float
+    by quantizing once the resident memory has grown by more than the next layers reuse (:mod:`.memory`), so that a load holds about one layer's float
     weight and temporaries at a time. A
     layer that refuses its weight has its message recorded in ``hf_quantizer.load_errors``.
     """
@@ -60,7 +60,7 @@ class QuantizeOnLoad(ConversionOps):
             # layer's own message and raise it once loading is done.
             self.hf_quantizer.load_errors[module_name] = str(exc)
         release_file_pages(value)
-        self.hf_quantizer.heap.quantized(value.numel())
+        self.hf_quantizer.heap.layer_done()
         module._is_hf_initialized = True
         for buf in module._buffers.values():
             buf._is_hf_initialized = True

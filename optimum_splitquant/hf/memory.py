@@ -6,7 +6,7 @@ a weight reads every page of it, so without help the process ends up holding the
 (plus the quantized copy) though a float load of the same model touches almost none of it.
 :func:`release_file_pages` hands back the pages of each float weight once it is quantized (Linux),
 and :func:`return_freed_heap` the quantizer's freed temporaries (at load through a
-:class:`HeapReturner`, every :data:`RETURN_HEAP_EVERY` weights); :func:`own_float_tensors` then
+:class:`HeapReturner`, once the resident memory grew by :data:`RETURN_HEAP_ABOVE`); :func:`own_float_tensors` then
 copies the float parameters that stay (embeddings, norms), handing back each one's pages as it goes,
 so that the map can go and the float file can be overwritten or deleted.
 """
@@ -24,7 +24,14 @@ import torch
 
 from ..nn.compact import SplitQuantModule
 
-__all__ = ["RETURN_HEAP_EVERY", "HeapReturner", "own_float_tensors", "release_file_pages", "return_freed_heap"]
+__all__ = [
+    "RETURN_HEAP_ABOVE",
+    "HeapReturner",
+    "own_float_tensors",
+    "release_file_pages",
+    "resident_bytes",
+    "return_freed_heap",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -122,23 +129,34 @@ def return_freed_heap() -> None:
         libc.malloc_trim(0)
 
 
-RETURN_HEAP_EVERY = 1 << 22
-"""Weights quantized at load between two returns of the freed heap (16 MiB of float32); in between, the next
-layers' temporaries reuse it. A return costs a ``malloc_trim`` and the page faults of the next layer's
-temporaries: one after every layer took a fifth of SmolLM2's load at 4 bits (docs/benchmarks.md, "Quantizing
-speed, against HQQ")."""
+RETURN_HEAP_ABOVE = 32 << 20
+"""Bytes by which quantizing at load lets the process's resident memory grow past where the last return of the
+freed heap left it: in between, the next layers' temporaries reuse the freed heap. Returning it after every
+layer cost a ``malloc_trim`` and the page faults of the next layer's temporaries, a fifth of SmolLM2's load at
+4 bits (docs/benchmarks.md, "Quantizing speed, against HQQ"). A layer whose temporaries alone exceed it still
+returns them at once."""
+
+
+def resident_bytes() -> int | None:
+    """The process's resident memory (``/proc/self/statm``), or ``None`` where it cannot be read."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * mmap.PAGESIZE
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class HeapReturner:
-    """Counts the weights quantized at load and returns the freed heap once every ``every`` of them."""
+    """After each layer quantized at load, returns the freed heap once the resident memory has grown by more
+    than ``above`` bytes since the last return (after every layer where it cannot be read)."""
 
-    def __init__(self, every: int = RETURN_HEAP_EVERY) -> None:
-        self.every = every
-        self.pending = 0
+    def __init__(self, above: int = RETURN_HEAP_ABOVE) -> None:
+        self.above = above
+        self.mark = resident_bytes()
 
-    def quantized(self, weights: int) -> None:
-        """Count ``weights`` more; at ``every`` since the last return, return the freed heap."""
-        self.pending += weights
-        if self.pending >= self.every:
-            self.pending = 0
+    def layer_done(self) -> None:
+        """A layer is quantized: return the freed heap if the resident memory grew by more than ``above``."""
+        now = resident_bytes()
+        if now is None or self.mark is None or now - self.mark > self.above:
             return_freed_heap()
+            self.mark = resident_bytes()

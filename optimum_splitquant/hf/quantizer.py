@@ -55,7 +55,7 @@ class SplitQuantHfQuantizer(HfQuantizer):
         super().__init__(copy.deepcopy(quantization_config), **kwargs)
         self.spec = self.quantization_config.to_spec()
         self.load_errors: dict[str, str] = {}
-        self.heap = HeapReturner()  # the quantizing temporaries go back to the OS every few layers
+        self.heap = HeapReturner()  # returns the freed heap once the resident memory has grown
         self.load_dtype: torch.dtype | None = None
         # SplitQuant layers rebuilt from a checkpoint: name in the checkpoint -> name in the model.
         self.loaded_layers: dict[str, str] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import subprocess
 import sys
 import textwrap
@@ -112,18 +113,45 @@ def test_quantizing_at_load_holds_about_one_float_layer(tmp_path):
     assert rise < 200, f"the load raised the peak resident memory by {rise:.0f} MiB"
 
 
-def test_the_freed_heap_goes_back_once_every_so_many_weights(monkeypatch):
+def test_the_freed_heap_goes_back_once_the_resident_memory_grew_past_the_bound(monkeypatch):
+    import optimum_splitquant.hf.memory as memory
+
+    resident = iter([1000, 1500, 2000, 2001, 1100, 1200, 2200, 900])
+    returns = []
+    monkeypatch.setattr(memory, "resident_bytes", lambda: next(resident))
+    monkeypatch.setattr(memory, "return_freed_heap", lambda: returns.append(True))
+    heap = memory.HeapReturner(above=1000)  # marks 1000
+    heap.layer_done()  # 1500
+    heap.layer_done()  # 2000: grown by 1000, not more
+    assert returns == []
+    heap.layer_done()  # 2001: returned, marks 1100
+    assert len(returns) == 1 and heap.mark == 1100
+    heap.layer_done()  # 1200
+    heap.layer_done()  # 2200: returned, marks 900
+    assert len(returns) == 2 and heap.mark == 900
+
+
+def test_the_freed_heap_goes_back_after_every_layer_where_the_resident_memory_is_unknown(monkeypatch):
     import optimum_splitquant.hf.memory as memory
 
     returns = []
+    monkeypatch.setattr(memory, "resident_bytes", lambda: None)
     monkeypatch.setattr(memory, "return_freed_heap", lambda: returns.append(True))
-    heap = memory.HeapReturner(every=1000)
-    for weights in (400, 500):
-        heap.quantized(weights)
-    assert returns == []
-    heap.quantized(100)  # 1000 since the start
-    assert len(returns) == 1
-    heap.quantized(2500)  # one large layer alone
-    heap.quantized(999)
-    assert len(returns) == 2
-    assert heap.pending == 999
+    heap = memory.HeapReturner()
+    for _ in range(3):
+        heap.layer_done()
+    assert len(returns) == 3
+
+
+@linux
+def test_resident_bytes_reads_this_process():
+    from optimum_splitquant.hf.memory import resident_bytes
+
+    size = 64 << 20
+    block = mmap.mmap(-1, size)  # fresh pages, outside the heap
+    before = resident_bytes()
+    for offset in range(0, size, mmap.PAGESIZE):
+        block[offset] = 1
+    grown = resident_bytes() - before
+    block.close()
+    assert size <= grown < size + (8 << 20), grown
