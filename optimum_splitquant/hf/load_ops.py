@@ -34,9 +34,9 @@ class QuantizeOnLoad(ConversionOps):
     """Load-time op: quantizes one float weight into its SplitQuant layer and drops the float copy.
 
     The float weight's pages of the checkpoint's file map go back to the OS at once, and the heap freed
-    by quantizing once the resident memory has grown by more than the next layers reuse (:mod:`.memory`), so that a load holds about one layer's float
-    weight and temporaries at a time. A
-    layer that refuses its weight has its message recorded in ``hf_quantizer.load_errors``.
+    by quantizing once the resident memory has grown by a bound (:class:`~.memory.HeapReturner`), so
+    that a load holds about one layer's float weight and temporaries at a time. A layer that refuses
+    its weight has its message recorded in ``hf_quantizer.load_errors``.
     """
 
     def __init__(self, hf_quantizer: CollectsLoadErrors) -> None:

@@ -6,9 +6,9 @@ a weight reads every page of it, so without help the process ends up holding the
 (plus the quantized copy) though a float load of the same model touches almost none of it.
 :func:`release_file_pages` hands back the pages of each float weight once it is quantized (Linux),
 and :func:`return_freed_heap` the quantizer's freed temporaries (at load through a
-:class:`HeapReturner`, once the resident memory grew by :data:`RETURN_HEAP_ABOVE`); :func:`own_float_tensors` then
-copies the float parameters that stay (embeddings, norms), handing back each one's pages as it goes,
-so that the map can go and the float file can be overwritten or deleted.
+:class:`HeapReturner`, once the resident memory has grown by :data:`RETURN_HEAP_ABOVE`);
+:func:`own_float_tensors` then copies the float parameters that stay (embeddings, norms), handing back
+each one's pages as it goes, so that the map can go and the float file can be overwritten or deleted.
 """
 
 from __future__ import annotations
