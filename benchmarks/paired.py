@@ -42,7 +42,7 @@ def mcnemar_p(only_a: int, only_b: int) -> float:
 def paired_table(
     result: dict[str, Any],
     budgets: tuple[float, ...] | list[float] | None = None,
-    anchors: str | tuple[str, ...] = ANCHOR_FAMILIES,
+    anchors: tuple[str, ...] = ANCHOR_FAMILIES,
 ) -> dict[str, Any]:
     """Example by example, on every classification task (one with ``labels`` and per-row ``predictions``):
     per budget, ``SplitQuantConfig.for_budget(b)``'s config (``result["for_budget"]``) against each ``anchors``
@@ -52,9 +52,7 @@ def paired_table(
     table = budget_table(result, budgets or (result.get("budget_table") or {}).get("budgets") or BUDGETS)
     names = result.get("for_budget") or {}
     tasks = []
-    for (task, best), anchor in itertools.product(
-        zip(result["tasks"], table["tasks"], strict=True), (anchors,) if isinstance(anchors, str) else anchors
-    ):
+    for (task, best), anchor in itertools.product(zip(result["tasks"], table["tasks"], strict=True), anchors):
         labels = task.get("labels")
         if not labels:
             continue

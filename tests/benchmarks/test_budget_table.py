@@ -220,7 +220,7 @@ def test_paired_table_compares_with_every_anchor_family_measured():
         (4.25, "NF4 b64", 1, 1),
         (4.5, "NF4 b64", 1, 3),
     ]
-    assert [t["anchor"] for t in output.paired_table(result, (4.25,), anchors="HQQ")["tasks"]] == ["HQQ"]
+    assert [t["anchor"] for t in output.paired_table(result, (4.25,), anchors=("HQQ",))["tasks"]] == ["HQQ"]
 
 
 def test_paired_table_refuses_predictions_that_do_not_match_the_labels():
